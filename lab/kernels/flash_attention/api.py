@@ -1,0 +1,72 @@
+"""The one attention function every model in lab calls.
+
+`flash_attention(q_BTNH, k_BSKH, v_BSKG, causal=, segment_ids=, softmax_scale=, backend=)`
+validates its inputs before any device work and dispatches to a backend. Backends:
+  reference  plain jnp softmax attention (the oracle).
+The Pallas backends (pallas_gpu, pallas_tpu, interpret) and the fused xla backend plug in here.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lab.kernels.flash_attention import reference
+
+_BACKENDS = {'reference': reference.attention}
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def available_backends() -> tuple[str, ...]:
+  return ('auto', *_BACKENDS)
+
+
+def _resolve(backend: str) -> str:
+  if backend == 'auto':
+    return 'reference'
+  if backend not in _BACKENDS:
+    raise ValueError(f'attention backend={backend!r}; expected one of {available_backends()}')
+  return backend
+
+
+def _split_segments(segment_ids, B, T, S):
+  if segment_ids is None:
+    return None, None
+  if isinstance(segment_ids, (tuple, list)):
+    q_seg, kv_seg = segment_ids
+  else:
+    if T != S:
+      raise ValueError(f'one segment_ids array needs T == S, got T={T}, S={S}; '
+                       'pass (q_segment_ids_BT, kv_segment_ids_BS) instead')
+    q_seg = kv_seg = segment_ids
+  if q_seg.shape != (B, T) or kv_seg.shape != (B, S):
+    raise ValueError(f'segment_ids shapes {q_seg.shape}, {kv_seg.shape}; expected {(B, T)}, {(B, S)}')
+  return q_seg, kv_seg
+
+
+def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKG: jax.Array, *,
+                    causal: bool = False, segment_ids=None, softmax_scale: float | None = None,
+                    backend: str = 'auto') -> jax.Array:
+  """Softmax attention o_BTNG = softmax(scale * q k^T + mask) v with grouped kv heads.
+
+  q_BTNH: queries, N heads of dim H.  k_BSKH: keys, K kv heads (N a multiple of K).
+  v_BSKG: values, head dim G (may differ from H).  causal: query t sees keys s <= t + S - T.
+  segment_ids: None, an int array_BT (T == S), or a pair (q_BT, kv_BS); a query sees only keys of
+  its own segment.  softmax_scale defaults to 1/sqrt(H).
+  """
+  for name, x in (('q', q_BTNH), ('k', k_BSKH), ('v', v_BSKG)):
+    if x.ndim != 4:
+      raise ValueError(f'{name} has shape {x.shape}; expected rank 4 [batch, length, heads, dim]')
+    if x.dtype not in _DTYPES:
+      raise ValueError(f'{name} dtype {x.dtype}; expected one of float32, bfloat16, float16')
+  B, T, N, H = q_BTNH.shape
+  _, S, K, _ = k_BSKH.shape
+  if k_BSKH.shape[0] != B or k_BSKH.shape[3] != H:
+    raise ValueError(f'k shape {k_BSKH.shape}; expected [{B}, S, K, {H}] to match q {q_BTNH.shape}')
+  if v_BSKG.shape[:3] != (B, S, K):
+    raise ValueError(f'v shape {v_BSKG.shape}; expected [{B}, {S}, {K}, G] to match k {k_BSKH.shape}')
+  if N % K:
+    raise ValueError(f'{N} query heads are not a multiple of {K} kv heads')
+  q_seg, kv_seg = _split_segments(segment_ids, B, T, S)
+  scale = H ** -0.5 if softmax_scale is None else softmax_scale
+  return _BACKENDS[_resolve(backend)](q_BTNH, k_BSKH, v_BSKG, causal=causal, q_segment_BT=q_seg,
+                                      kv_segment_BS=kv_seg, softmax_scale=scale)

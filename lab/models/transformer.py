@@ -1,0 +1,226 @@
+"""Decoder-only transformer: GPT-2 and Llama from one set of config switches.
+
+GPT-2 (Radford et al. 2019): learned positions, LayerNorm, GELU MLP, biases, tied embeddings.
+Llama (Touvron et al. 2023): RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head.
+
+Pre-norm residual blocks (eq. of Xiong et al. 2020):
+  h = x + Attn(Norm(x));  y = h + MLP(Norm(h)).
+Blocks are stacked on a leading `layers` axis and run with `lax.scan`, so compile time does not
+grow with depth. Config fields (`cfg` is `config.model`): vocab_size, d_model, n_layers, n_heads,
+n_kv_heads, head_dim (0: d_model // n_heads), d_ff, max_len, norm ('layernorm' | 'rmsnorm'),
+norm_eps, mlp ('gelu' | 'swiglu'), positions ('learned' | 'rope'), rope_theta, bias,
+tie_embeddings, dropout, init_std, remat, attention_backend.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from lab.config import ConfigError
+from lab.kernels import flash_attention
+from lab.nn import attention, mlp, norms, rope
+from lab.nn import param_spec as ps
+
+_CHOICES = {'norm': ('layernorm', 'rmsnorm'), 'mlp': ('gelu', 'swiglu'),
+            'positions': ('learned', 'rope')}
+
+
+def head_dim(cfg) -> int:
+  return cfg.head_dim or cfg.d_model // cfg.n_heads
+
+
+def validate(cfg) -> None:
+  """One-line errors for shapes that cannot form a model, before any device work."""
+  for key, allowed in _CHOICES.items():
+    if cfg[key] not in allowed:
+      raise ConfigError(f'model.{key}={cfg[key]!r}; expected one of {allowed}')
+  for key in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff', 'max_len'):
+    if cfg[key] <= 0:
+      raise ConfigError(f'model.{key}={cfg[key]}; expected a positive integer')
+  if not cfg.head_dim and cfg.d_model % cfg.n_heads:
+    raise ConfigError(f'model.n_heads={cfg.n_heads} does not divide model.d_model={cfg.d_model}')
+  if cfg.n_heads % cfg.n_kv_heads:
+    raise ConfigError(f'model.n_kv_heads={cfg.n_kv_heads} does not divide '
+                      f'model.n_heads={cfg.n_heads}')
+  if cfg.positions == 'rope' and head_dim(cfg) % 2:
+    raise ConfigError(f'model.head_dim={head_dim(cfg)} is odd; RoPE needs an even head dim')
+  if not 0.0 <= cfg.dropout < 1.0:
+    raise ConfigError(f'model.dropout={cfg.dropout}; expected a value in [0, 1)')
+
+
+def _norm_specs(cfg) -> dict:
+  specs = {'scale': ps.ParamSpec((cfg.d_model,), ps.ones, ('embed',))}
+  if cfg.norm == 'layernorm':
+    specs['bias'] = ps.ParamSpec((cfg.d_model,), ps.zeros, ('embed',))
+  return specs
+
+
+def _mlp_specs(cfg, std: float, out_std: float) -> dict:
+  D, F = cfg.d_model, cfg.d_ff
+  if cfg.mlp == 'swiglu':
+    return {'w_gate': ps.ParamSpec((D, F), ps.normal(std), ('embed', 'mlp')),
+            'w_up': ps.ParamSpec((D, F), ps.normal(std), ('embed', 'mlp')),
+            'w_down': ps.ParamSpec((F, D), ps.normal(out_std), ('mlp', 'embed'))}
+  specs = {'w_in': ps.ParamSpec((D, F), ps.normal(std), ('embed', 'mlp')),
+           'w_out': ps.ParamSpec((F, D), ps.normal(out_std), ('mlp', 'embed'))}
+  if cfg.bias:
+    specs |= {'b_in': ps.ParamSpec((F,), ps.zeros, ('mlp',)),
+              'b_out': ps.ParamSpec((D,), ps.zeros, ('embed',))}
+  return specs
+
+
+def param_specs(cfg) -> dict:
+  """ParamSpecs; residual output projections use std / sqrt(2 n_layers) as in GPT-2."""
+  validate(cfg)
+  std = cfg.init_std
+  out_std = std / math.sqrt(2 * cfg.n_layers)
+  block = {
+      'attn_norm': _norm_specs(cfg),
+      'attn': attention.attention_specs(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim(cfg),
+                                        bias=cfg.bias, std=std, out_std=out_std),
+      'mlp_norm': _norm_specs(cfg),
+      'mlp': _mlp_specs(cfg, std, out_std),
+  }
+  specs = {
+      'embed': {'tokens': ps.ParamSpec((cfg.vocab_size, cfg.d_model), ps.normal(std),
+                                       ('vocab', 'embed'))},
+      'blocks': jax.tree.map(lambda s: ps.stack(s, cfg.n_layers), block, is_leaf=ps.is_spec),
+      'final_norm': _norm_specs(cfg),
+  }
+  if cfg.positions == 'learned':
+    specs['embed']['positions'] = ps.ParamSpec((cfg.max_len, cfg.d_model), ps.normal(std / 2),
+                                               (None, 'embed'))
+  if not cfg.tie_embeddings:
+    specs['head'] = ps.ParamSpec((cfg.d_model, cfg.vocab_size), ps.normal(std), ('embed', 'vocab'))
+  return specs
+
+
+def _norm(cfg, p: dict, x_BTD):
+  if cfg.norm == 'rmsnorm':
+    return norms.rms_norm(x_BTD, p['scale'], cfg.norm_eps)
+  return norms.layer_norm(x_BTD, p['scale'], p.get('bias'), cfg.norm_eps)
+
+
+def _mlp(cfg, p: dict, x_BTD):
+  if cfg.mlp == 'swiglu':
+    return mlp.swiglu_mlp(x_BTD, p['w_gate'], p['w_up'], p['w_down'])
+  return mlp.gelu_mlp(x_BTD, p['w_in'], p.get('b_in'), p['w_out'], p.get('b_out'))
+
+
+def _dropout(x, rate: float, rng):
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def _embed(cfg, params, tokens_BT, positions_BT):
+  x_BTD = params['embed']['tokens'][tokens_BT]
+  if cfg.positions == 'learned':
+    x_BTD = x_BTD + params['embed']['positions'][positions_BT]
+  return x_BTD
+
+
+def _logits(cfg, params, x_BTD):
+  x_BTD = _norm(cfg, params['final_norm'], x_BTD)
+  if cfg.tie_embeddings:
+    return jnp.einsum('BTD,VD->BTV', x_BTD, params['embed']['tokens'])
+  return jnp.einsum('BTD,DV->BTV', x_BTD, params['head'])
+
+
+def _block(cfg, p, x_BTD, positions_BT, rng, attend):
+  """One pre-norm block; `attend(q, k, v) -> (o, kv)` decides where keys and values come from."""
+  rngs = (None, None) if rng is None else jax.random.split(rng, 2)
+  q_BTNH, k_BTKH, v_BTKH = attention.project_qkv(p['attn'], _norm(cfg, p['attn_norm'], x_BTD))
+  if cfg.positions == 'rope':
+    q_BTNH = rope.apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
+    k_BTKH = rope.apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
+  o_BTNH, kv = attend(q_BTNH, k_BTKH, v_BTKH)
+  x_BTD = x_BTD + _dropout(attention.project_out(p['attn'], o_BTNH), cfg.dropout, rngs[0])
+  x_BTD = x_BTD + _dropout(_mlp(cfg, p['mlp'], _norm(cfg, p['mlp_norm'], x_BTD)), cfg.dropout,
+                           rngs[1])
+  return x_BTD, kv
+
+
+def _run_blocks(cfg, params, x_BTD, positions_BT, rng, attend, per_layer=None):
+  """Scans the stacked blocks; `per_layer` is scanned alongside (e.g. one layer's KV cache)."""
+  layer_rngs = None if rng is None else jax.random.split(rng, cfg.n_layers)
+
+  def body(x_BTD, xs):
+    p, layer_rng, layer_state = xs
+    return _block(cfg, p, x_BTD, positions_BT, layer_rng,
+                  lambda q, k, v: attend(q, k, v, layer_state))
+
+  if cfg.remat:
+    body = jax.checkpoint(body)
+  return jax.lax.scan(body, x_BTD, (params['blocks'], layer_rngs, per_layer))
+
+
+def forward(cfg, params, tokens_BT: jax.Array, *, segment_ids_BT=None, positions_BT=None,
+            rng=None, train: bool = False) -> jax.Array:
+  """Causal LM logits_BTV (in the params' dtype) for tokens_BT; dropout only when train."""
+  B, T = tokens_BT.shape
+  if positions_BT is None:
+    positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+  rng = rng if train else None
+  embed_rng, block_rng = (None, None) if rng is None else jax.random.split(rng)
+  x_BTD = _dropout(_embed(cfg, params, tokens_BT, positions_BT), cfg.dropout, embed_rng)
+
+  def attend(q, k, v, _):
+    o = flash_attention(q, k, v, causal=True, segment_ids=segment_ids_BT,
+                        backend=cfg.attention_backend)
+    return o, None
+
+  x_BTD, _ = _run_blocks(cfg, params, x_BTD, positions_BT, block_rng, attend)
+  return _logits(cfg, params, x_BTD)
+
+
+def prefill(cfg, params, tokens_BT: jax.Array, max_len: int):
+  """Runs the prompt and returns (logits_BTV, cache) with room for max_len tokens in total.
+
+  cache = {'k': [L, B, max_len, K, H], 'v': [L, B, max_len, K, H], 'length': int32 scalar}.
+  """
+  B, T = tokens_BT.shape
+  if not T <= max_len <= cfg.max_len:
+    raise ValueError(f'prefill max_len={max_len}; expected prompt length {T} <= max_len <= '
+                     f'model.max_len={cfg.max_len}')
+  positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+
+  def attend(q, k, v, _):
+    pad = ((0, 0), (0, max_len - T), (0, 0), (0, 0))
+    return flash_attention(q, k, v, causal=True, backend=cfg.attention_backend), (
+        jnp.pad(k, pad), jnp.pad(v, pad))
+
+  x_BTD, (k_LBSKH, v_LBSKH) = _run_blocks(cfg, params, _embed(cfg, params, tokens_BT,
+                                                                positions_BT),
+                                          positions_BT, None, attend)
+  cache = {'k': k_LBSKH, 'v': v_LBSKH, 'length': jnp.asarray(T, jnp.int32)}
+  return _logits(cfg, params, x_BTD), cache
+
+
+def decode_step(cfg, params, tokens_B1: jax.Array, cache: dict):
+  """Appends one token per row at position cache['length']; returns (logits_B1V, new cache).
+
+  The query attends to the cached keys 0..length through kv segment ids (1 = filled, 0 = empty).
+  """
+  B = tokens_B1.shape[0]
+  S = cache['k'].shape[2]
+  length = cache['length']
+  positions_B1 = jnp.full((B, 1), length, jnp.int32)
+  q_seg_B1 = jnp.ones((B, 1), jnp.int32)
+  kv_seg_BS = jnp.broadcast_to((jnp.arange(S) <= length).astype(jnp.int32), (B, S))
+
+  def attend(q, k, v, layer_cache):
+    k_cache, v_cache = layer_cache
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), length, 1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), length, 1)
+    o = flash_attention(q, k_cache, v_cache, segment_ids=(q_seg_B1, kv_seg_BS),
+                        backend=cfg.attention_backend)
+    return o, (k_cache, v_cache)
+
+  x_B1D = _embed(cfg, params, tokens_B1, positions_B1)
+  x_B1D, (k_LBSKH, v_LBSKH) = _run_blocks(cfg, params, x_B1D, positions_B1, None, attend,
+                                          (cache['k'], cache['v']))
+  return _logits(cfg, params, x_B1D), {'k': k_LBSKH, 'v': v_LBSKH, 'length': length + 1}

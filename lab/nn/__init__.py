@@ -1,0 +1,1 @@
+"""Pure layers over explicit parameters."""

@@ -1,0 +1,56 @@
+"""Next-token prediction (causal language modelling).
+
+loss = -1/(B T) sum_{b,t} log p(x_{b,t+1} | x_{b,<=t})   (Bengio et al. 2003; Radford et al. 2018)
+Batches are {'tokens': int32[B, T + 1]}; inputs are tokens[:, :-1], targets tokens[:, 1:].
+config.sample (num, length, prompt, temperature, top_k, top_p) drives the sampling hook.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lab.config import require
+from lab.sampling import decode
+from lab.train.task import Task
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+  """Mean negative log-likelihood in float32 (nats per token)."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits_BTV.astype(jnp.float32), targets_BT).mean()
+
+
+def validate(config) -> None:
+  s = config.sample
+  require(0.0 < s.top_p <= 1.0, f'sample.top_p={s.top_p}; expected 0 < top_p <= 1')
+  require(s.temperature >= 0.0, f'sample.temperature={s.temperature}; expected >= 0')
+  require(config.data.block_size <= config.model.max_len,
+          f'data.block_size={config.data.block_size} exceeds model.max_len={config.model.max_len}')
+
+
+def make_task(config, data) -> Task:
+  model = importlib.import_module(f'lab.models.{config.model.name}')
+  cfg = config.model
+
+  def loss_fn(params, state, batch, rng, train):
+    tokens_BT1 = batch['tokens']
+    logits_BTV = model.forward(cfg, params, tokens_BT1[:, :-1], rng=rng, train=train)
+    loss = cross_entropy(logits_BTV, tokens_BT1[:, 1:])
+    return loss, ({'loss': loss}, state)
+
+  s = config.sample
+  prompt_ids = data.encode(s.prompt) if data.encode and s.prompt else None
+  generate = jax.jit(functools.partial(decode.generate, model, cfg, num_new=s.length,
+                                       temperature=s.temperature, top_k=s.top_k, top_p=s.top_p))
+
+  def sample(params, rng):
+    prompt_BT = jnp.asarray(prompt_ids, jnp.int32)[None].repeat(s.num, axis=0)
+    tokens_BT = jax.device_get(generate(params, prompt_BT, rng=rng))
+    return {f'sample_{i}': data.decode(row) for i, row in enumerate(tokens_BT)}
+
+  return Task(param_specs=model.param_specs(cfg), init_state=lambda key: {}, loss_fn=loss_fn,
+              sample=sample if s.num and prompt_ids is not None else None)

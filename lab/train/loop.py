@@ -1,0 +1,115 @@
+"""The one training loop: init or resume, jitted steps, eval, samples, checkpoints, logging.
+
+Every experiment reaches it through a `Task` (what to optimise) and a `Dataset` (what to read).
+A run killed at any point resumes from its last checkpoint and continues bit-exactly; SIGTERM
+saves at the next step boundary and returns cleanly.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lab.nn import param_spec
+from lab.train import checkpoint, metrics_log, optimizers, precision, preemption, progress, step
+from lab.train.state import TrainState
+
+_INIT_KEY, _SAMPLE_KEY = 2, 3
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def init_state(config, task, optimizer) -> TrainState:
+  """A fresh TrainState; parameters are created from the task's ParamSpecs under jit."""
+  root = jax.random.PRNGKey(config.seed)
+  init_key = jax.random.fold_in(root, _INIT_KEY)
+  params = param_spec.init(task.param_specs, init_key)
+  cfg = config.train
+  loss_scale = None
+  if cfg.compute_dtype == 'float16':
+    loss_scale = precision.LossScale.create(cfg.loss_scale_init, cfg.loss_scale_period)
+  return TrainState(step=jnp.asarray(0, jnp.int32), params=params,
+                    opt_state=optimizer.init(params),
+                    model_state=task.init_state(jax.random.fold_in(init_key, 1)),
+                    ema_params=jax.tree.map(jnp.copy, params) if cfg.ema_decay > 0 else None,
+                    loss_scale=loss_scale, rng=root)
+
+
+def evaluate(eval_step, state, batches) -> dict:
+  """Mean of each metric over the fixed eval batches, named eval_<metric>."""
+  totals = None
+  for batch in batches:
+    m = jax.device_get(eval_step(state, batch))
+    totals = m if totals is None else {k: totals[k] + m[k] for k in m}
+  return {f'eval_{k}': float(v) / len(batches) for k, v in totals.items()}
+
+
+def _config_json(config) -> dict:
+  return json.loads(config.to_json())
+
+
+def train(config, task, data, workdir: str) -> TrainState:
+  """Trains to config.train.steps (or until SIGTERM) and returns the final state."""
+  cfg = config.train
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json(indent=2))
+  optimizer = optimizers.make(cfg)
+  ckpt = checkpoint.Checkpointer(workdir, cfg.keep_checkpoints)
+  state = init_state(config, task, optimizer)
+  train_iter = data.make_train_iter()
+  start = ckpt.latest_step() or 0
+  if start:
+    state, data_state = ckpt.restore(start, state)
+    train_iter.set_state(data_state)
+  log = metrics_log.MetricsLog(workdir, resume_step=start)
+  train_step = jax.jit(step.make_train_step(cfg, task, optimizer), donate_argnums=0)
+  eval_step = jax.jit(step.make_eval_step(cfg, task))
+  bar = progress.Progress(start, cfg.steps, cfg.log_every)
+
+  def save(at: int):
+    ckpt.save(at, state, train_iter.get_state(), _config_json(config))
+
+  def show_samples(at: int):
+    if task.sample is None:
+      return
+    params = state.ema_params if state.ema_params is not None else state.params
+    texts = task.sample(params, step.step_key(state.rng, at, _SAMPLE_KEY))
+    with open(os.path.join(workdir, 'samples.txt'), 'a') as f:
+      for name, text in texts.items():
+        f.write(f'--- step {at} {name}\n{text}\n')
+        bar.write(f'--- step {at} {name}\n{text}')
+
+  with preemption.PreemptionFlag() as preempted:
+    for at in range(start + 1, cfg.steps + 1):
+      state, metrics = train_step(state, next(train_iter))
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not np.isfinite(metrics['loss']):
+        if cfg.nonfinite == 'stop':
+          raise NonFiniteLossError(f'loss is {metrics["loss"]} at step {at}; stopping '
+                                   '(set train.nonfinite="skip" to skip such steps)')
+      if at % cfg.log_every == 0 or at == cfg.steps:
+        log.write(at, metrics)
+      if cfg.eval_every and (at % cfg.eval_every == 0 or at == cfg.steps):
+        eval_metrics = evaluate(eval_step, state, data.eval_batches)
+        log.write(at, eval_metrics)
+        bar.write(f'step {at}: ' + ' '.join(f'{k}={v:.4f}' for k, v in eval_metrics.items()))
+      if cfg.sample_every and (at % cfg.sample_every == 0 or at == cfg.steps):
+        show_samples(at)
+      bar.update(at, metrics)
+      if preempted.requested:
+        save(at)
+        bar.write(f'SIGTERM: saved step {at} to {workdir}; exiting')
+        break
+      if at % cfg.checkpoint_every == 0 or at == cfg.steps:
+        save(at)
+  bar.close()
+  ckpt.close()
+  log.plot()
+  log.close()
+  return state

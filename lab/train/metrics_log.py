@@ -1,0 +1,60 @@
+"""Metrics to <workdir>/metrics.jsonl (one object a line: step and metric names), TensorBoard
+event files (tensorboardX, no TensorFlow) and a PNG of the loss curves."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+class MetricsLog:
+
+  def __init__(self, workdir: str, resume_step: int = 0):
+    """Opens the log; lines of steps after resume_step (written after the last checkpoint by a
+    run that then died) are dropped so the file reads as one uninterrupted run."""
+    from tensorboardX import SummaryWriter
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.records = [r for r in read(self.path) if r['step'] <= resume_step] if resume_step else []
+    with open(self.path, 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in self.records)
+    self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self.workdir = workdir
+
+  def write(self, step: int, metrics: dict) -> None:
+    record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
+    self.records.append(record)
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    for name, value in metrics.items():
+      self.tb.add_scalar(name, float(value), int(step))
+
+  def plot(self, filename: str = 'loss.png') -> str:
+    """Plots every metric whose name ends in 'loss' against step; returns the PNG path."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = sorted({k for r in self.records for k in r if k.endswith('loss')})
+    for name in names:
+      pts = np.array([(r['step'], r[name]) for r in self.records if name in r])
+      ax.plot(pts[:, 0], pts[:, 1], label=name, marker='o' if len(pts) < 30 else None)
+    ax.set_xlabel('step')
+    ax.set_ylabel('loss (nats)')
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = os.path.join(self.workdir, filename)
+    fig.savefig(path, dpi=100, bbox_inches='tight')
+    plt.close(fig)
+    return path
+
+  def close(self) -> None:
+    self.tb.close()
+
+
+def read(path: str) -> list[dict]:
+  """The records of a metrics.jsonl file ([] if there is none)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
