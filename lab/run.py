@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None):
   try:
     config = config_lib.override(config_lib.load(args.config), overrides)
     config, task, data = prepare(config)
+    return loop.train(config, task, data, args.workdir)
   except ConfigError as e:
     sys.exit(f'config error: {e}')
-  return loop.train(config, task, data, args.workdir)
 
 
 if __name__ == '__main__':

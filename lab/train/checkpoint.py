@@ -31,6 +31,9 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return out.state, out.data
 
+  def restore_config(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()

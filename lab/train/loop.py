@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lab.config import ConfigError
 from lab.nn import param_spec
 from lab.train import checkpoint, metrics_log, optimizers, precision, preemption, progress, step
 from lab.train.state import TrainState
@@ -53,6 +54,17 @@ def _config_json(config) -> dict:
   return json.loads(config.to_json())
 
 
+def _check_same_model(saved: dict, current: dict, workdir: str) -> None:
+  """Resuming into a different model would fail deep in orbax; say which keys differ instead."""
+  diff = sorted(k for k in saved['model'].keys() | current['model'].keys()
+                if saved['model'].get(k) != current['model'].get(k))
+  if diff:
+    raise ConfigError(f'workdir {workdir!r} holds a checkpoint of a different model (model.'
+                      + ', model.'.join(f'{k}: saved {saved["model"].get(k)!r} vs '
+                                        f'{current["model"].get(k)!r}' for k in diff)
+                      + '); use a new workdir')
+
+
 def train(config, task, data, workdir: str) -> TrainState:
   """Trains to config.train.steps (or until SIGTERM) and returns the final state."""
   cfg = config.train
@@ -61,9 +73,11 @@ def train(config, task, data, workdir: str) -> TrainState:
     f.write(config.to_json(indent=2))
   optimizer = optimizers.make(cfg)
   ckpt = checkpoint.Checkpointer(workdir, cfg.keep_checkpoints)
+  start = ckpt.latest_step() or 0
+  if start:
+    _check_same_model(ckpt.restore_config(start), _config_json(config), workdir)
   state = init_state(config, task, optimizer)
   train_iter = data.make_train_iter()
-  start = ckpt.latest_step() or 0
   if start:
     state, data_state = ckpt.restore(start, state)
     train_iter.set_state(data_state)
