@@ -73,7 +73,7 @@ def make_train_step(train_cfg, task, optimizer):
     if ema is not None:
       d = train_cfg.ema_decay
       ema = keep(jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params), ema)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=lr_schedule(state.step),
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=lr_schedule(state.step),
                    skipped=(~finite).astype(jnp.int32))
     loss_scale = state.loss_scale
     if loss_scale is not None:
