@@ -21,22 +21,22 @@ def get_config(arg=None):
   c.objective = 'lm'
 
   c.data = dict(name='text_chars', source='python_docs', tfds_name='tiny_shakespeare',
-                data_dir='', tokenizer='char', block_size=128, val_fraction=0.1, eval_batches=20)
+                data_dir='', tokenizer='char', block_size=96, val_fraction=0.1, eval_batches=20)
 
-  c.model = dict(name='transformer', vocab_size=0, d_model=192, n_layers=4, n_heads=6,
-                 n_kv_heads=6, head_dim=0, d_ff=768, max_len=128, norm='layernorm', norm_eps=1e-5,
+  c.model = dict(name='transformer', vocab_size=0, d_model=128, n_layers=4, n_heads=4,
+                 n_kv_heads=4, head_dim=0, d_ff=512, max_len=96, norm='layernorm', norm_eps=1e-5,
                  mlp='gelu', positions='learned', rope_theta=10000.0, bias=True,
                  tie_embeddings=True, dropout=0.0, init_std=0.02, remat=False,
                  attention_backend='auto')
 
-  c.train = dict(steps=1200, batch_size=32, grad_accum=1, lr=2e-3, min_lr=2e-4, warmup_steps=100,
+  c.train = dict(steps=900, batch_size=16, grad_accum=1, lr=3e-3, min_lr=3e-4, warmup_steps=50,
                  schedule='cosine', decay_steps=0, wsd_decay_fraction=0.2, b1=0.9, b2=0.99,
                  eps=1e-8, weight_decay=0.1, clip_norm=1.0, ema_decay=0.0,
                  compute_dtype='float32', loss_scale_init=2.0**15, loss_scale_period=2000,
-                 nonfinite='stop', log_every=50, eval_every=300, sample_every=600,
-                 checkpoint_every=600, keep_checkpoints=2)
+                 nonfinite='stop', log_every=50, eval_every=300, sample_every=300,
+                 checkpoint_every=300, keep_checkpoints=2)
 
-  c.sample = dict(num=2, length=200, prompt='\n', temperature=0.8, top_k=0, top_p=0.95)
+  c.sample = dict(num=3, length=90, prompt='\n', temperature=0.8, top_k=0, top_p=0.95)
 
   if 'baby' in variant:
     c.data.update(source='tfds', block_size=64, eval_batches=200)
@@ -44,7 +44,7 @@ def get_config(arg=None):
     c.train.update(steps=2000, batch_size=12, lr=1e-3, min_lr=1e-4, warmup_steps=100,
                    b2=0.99, weight_decay=0.1, log_every=50, eval_every=250, sample_every=1000,
                    checkpoint_every=500)
-    c.sample.update(length=300)
+    c.sample.update(length=60)
   if 'tiny' in variant:
     c.data.update(block_size=32, eval_batches=2)
     c.model.update(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=64, max_len=64)

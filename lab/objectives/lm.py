@@ -28,6 +28,9 @@ def validate(config) -> None:
   s = config.sample
   require(0.0 < s.top_p <= 1.0, f'sample.top_p={s.top_p}; expected 0 < top_p <= 1')
   require(s.temperature >= 0.0, f'sample.temperature={s.temperature}; expected >= 0')
+  require(len(s.prompt) + s.length <= config.model.max_len,
+          f'sample.length={s.length} plus the {len(s.prompt)}-character prompt exceeds '
+          f'model.max_len={config.model.max_len}')
   require(config.data.block_size <= config.model.max_len,
           f'data.block_size={config.data.block_size} exceeds model.max_len={config.model.max_len}')
 
