@@ -53,12 +53,13 @@ def _parse_value(key: str, text: str, current):
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
-    raise ConfigError(f'{key}={text!r}; expected a {type(current).__name__} literal') from None
+    raise ConfigError(f'{key}={text!r}; expected a literal of type {type(current).__name__}'
+                      ) from None
   if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
   if current is not None and not isinstance(value, type(current)):
-    raise ConfigError(f'{key}={text!r} is a {type(value).__name__}; '
-                      f'expected a {type(current).__name__}')
+    raise ConfigError(f'{key}={text!r} has type {type(value).__name__}; '
+                      f'expected type {type(current).__name__}')
   return value
 
 

@@ -52,7 +52,7 @@ def validate(cfg) -> None:
 
 def _norm_specs(cfg) -> dict:
   specs = {'scale': ps.ParamSpec((cfg.d_model,), ps.ones, ('embed',))}
-  if cfg.norm == 'layernorm':
+  if cfg.norm == 'layernorm' and cfg.bias:  # nanoGPT's bias=False drops LayerNorm biases too
     specs['bias'] = ps.ParamSpec((cfg.d_model,), ps.zeros, ('embed',))
   return specs
 
@@ -160,8 +160,13 @@ def _run_blocks(cfg, params, x_BTD, positions_BT, rng, attend, per_layer=None):
 
 def forward(cfg, params, tokens_BT: jax.Array, *, segment_ids_BT=None, positions_BT=None,
             rng=None, train: bool = False) -> jax.Array:
-  """Causal LM logits_BTV (in the params' dtype) for tokens_BT; dropout only when train."""
+  """Causal LM logits_BTV (in the params' dtype) for tokens_BT; dropout only when train.
+
+  With packed sequences (segment_ids_BT), pass positions_BT that restart at each segment.
+  """
   B, T = tokens_BT.shape
+  if T > cfg.max_len:
+    raise ValueError(f'sequence length {T} exceeds model.max_len={cfg.max_len}')
   if positions_BT is None:
     positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
   rng = rng if train else None
@@ -204,6 +209,8 @@ def decode_step(cfg, params, tokens_B1: jax.Array, cache: dict):
   """Appends one token per row at position cache['length']; returns (logits_B1V, new cache).
 
   The query attends to the cached keys 0..length through kv segment ids (1 = filled, 0 = empty).
+  The caller keeps length < max_len (as `lab.sampling.decode.generate` does by construction):
+  the length is traced, so a full cache cannot be detected here.
   """
   B = tokens_B1.shape[0]
   S = cache['k'].shape[2]

@@ -7,8 +7,10 @@ GPT-2 (Conv1D stores [in, out]):
   wte [V, D] = embed.tokens                    wpe [max_len, D] = embed.positions
   h.i.ln_1 / h.i.ln_2 / ln_f {weight, bias} = attn_norm / mlp_norm / final_norm {scale, bias}
   h.i.attn.c_attn.weight [D, 3NH] = [wq_DNH | wk_DKH | wv_DKH] flattened over (heads, head_dim)
-  h.i.attn.c_attn.bias [3NH] = [bq | bk | bv]   h.i.attn.c_proj {weight [NH, D], bias} = wo, bo
-  h.i.mlp.c_fc {weight [D, F], bias} = w_in, b_in   h.i.mlp.c_proj {weight [F, D], bias} = w_out, b_out
+  h.i.attn.c_attn.bias [3NH] = [bq | bk | bv]
+  h.i.attn.c_proj {weight [NH, D], bias} = wo, bo
+  h.i.mlp.c_fc {weight [D, F], bias} = w_in, b_in
+  h.i.mlp.c_proj {weight [F, D], bias} = w_out, b_out
 Llama (nn.Linear stores [out, in], so every matrix is transposed):
   embed_tokens [V, D] = embed.tokens           norm.weight = final_norm.scale
   layers.i.input_layernorm / post_attention_layernorm .weight = attn_norm / mlp_norm .scale
@@ -159,7 +161,7 @@ def _gpt2_to_hf(cfg, params):
 
 
 def _gpt2_from_hf(cfg, top: dict, blocks: dict) -> dict:
-  """Inverse of `_gpt2_to_hf`, on float32 numpy arrays."""
+  """Inverse of `_gpt2_to_hf`, on float32 numpy arrays; GPT-2 has as many kv heads as heads."""
   L, D, N, H = cfg.n_layers, cfg.d_model, cfg.n_heads, transformer.head_dim(cfg)
   wq, wk, wv = np.split(blocks['attn.c_attn.weight'], 3, axis=2)
   bq, bk, bv = np.split(blocks['attn.c_attn.bias'], 3, axis=1)
@@ -168,7 +170,7 @@ def _gpt2_from_hf(cfg, top: dict, blocks: dict) -> dict:
                 'positions': top['transformer.wpe.weight']},
       'blocks': {
           'attn_norm': {'scale': blocks['ln_1.weight'], 'bias': blocks['ln_1.bias']},
-          'attn': {'wq': wq.reshape(L, D, H, N).swapaxes(2, 3), 'wk': wk.reshape(L, D, N, H),
+          'attn': {'wq': wq.reshape(L, D, N, H), 'wk': wk.reshape(L, D, N, H),
                    'wv': wv.reshape(L, D, N, H),
                    'wo': blocks['attn.c_proj.weight'].reshape(L, N, H, D),
                    'bq': bq.reshape(L, N, H), 'bk': bk.reshape(L, N, H), 'bv': bv.reshape(L, N, H),
@@ -340,8 +342,7 @@ def params_from_hf(cfg, state_dict: dict[str, np.ndarray], model_type: str) -> d
 
 
 def params_to_hf(cfg, params, model_type: str) -> dict[str, np.ndarray]:
-  """The HF state dict of params (prefixed keys, lm_head only when untied): the inverse of
-  `params_from_hf`."""
+  """The HF state dict of params (lm_head only when untied), the exact inverse of params_from_hf."""
   fmt = _format(model_type, cfg)
   top, blocks = fmt.to_hf(cfg, params)
   state_dict = {name: np.asarray(x) for name, x in top.items()}
@@ -358,8 +359,8 @@ def load_pretrained(path) -> tuple[ml_collections.ConfigDict, dict]:
   cfg = config_from_hf(hf_config)
   index = path / 'model.safetensors.index.json'
   if index.exists():
-    files = [path / name for name in sorted(set(json.loads(index.read_text())['weight_map']
-                                                .values()))]
+    weight_map = json.loads(index.read_text())['weight_map']
+    files = [path / name for name in sorted(set(weight_map.values()))]
   else:
     files = sorted(path.glob('*.safetensors'))
   if not files:

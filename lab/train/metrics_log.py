@@ -31,10 +31,10 @@ class MetricsLog:
 
   def plot(self, filename: str = 'loss.png') -> str:
     """Plots every metric whose name ends in 'loss' against step; returns the PNG path."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7, 4))  # no pyplot: the caller's (e.g. a notebook's) backend is untouched
+    ax = fig.subplots()
     names = sorted({k for r in self.records for k in r if k.endswith('loss')})
     for name in names:
       pts = np.array([(r['step'], r[name]) for r in self.records if name in r])
@@ -44,8 +44,7 @@ class MetricsLog:
     ax.grid(alpha=0.3)
     ax.legend()
     path = os.path.join(self.workdir, filename)
-    fig.savefig(path, dpi=100, bbox_inches='tight')
-    plt.close(fig)
+    FigureCanvasAgg(fig).print_figure(path, dpi=100, bbox_inches='tight')
     return path
 
   def close(self) -> None:
