@@ -287,7 +287,8 @@ def config_from_hf(hf_config: dict) -> ml_collections.ConfigDict:
 
 def config_to_hf(cfg, model_type: str) -> dict:
   """The HF config dict (as in config.json) that describes the model of cfg."""
-  return _format(model_type, cfg).config_to_hf(cfg)
+  # Our vocabularies have no special tokens; without explicit None transformers assumes GPT-2's.
+  return _format(model_type, cfg).config_to_hf(cfg) | {'bos_token_id': None, 'eos_token_id': None}
 
 
 def _hf_shapes(cfg, fmt: _Format) -> tuple[dict, dict]:
