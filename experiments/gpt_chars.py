@@ -19,11 +19,13 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.objective = 'lm'
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
+  c.sharding_rules = {}
 
   c.data = dict(name='text_chars', source='python_docs', tfds_name='tiny_shakespeare',
                 data_dir='', tokenizer='char', block_size=96, val_fraction=0.1, eval_batches=20)
 
-  c.model = dict(name='transformer', vocab_size=0, d_model=128, n_layers=4, n_heads=4,
+  c.model = dict(name='transformer', vocab_size=0, vocab_multiple=1, d_model=128, n_layers=4, n_heads=4,
                  n_kv_heads=4, head_dim=0, d_ff=512, max_len=96, norm='layernorm', norm_eps=1e-5,
                  mlp='gelu', positions='learned', rope_theta=10000.0, bias=True,
                  tie_embeddings=True, dropout=0.0, init_std=0.02, remat=False,

@@ -20,6 +20,12 @@ def _texts(cfg) -> tuple[str, str]:
   raise ConfigError(f'data.source={cfg.source!r}; expected "python_docs" or "tfds"')
 
 
+def _round_up(n: int, multiple: int) -> int:
+  """Vocab padded for vocab-parallel sharding (as nanoGPT pads GPT-2's 50257 to 50304); the
+  extra ids never occur in the data, so training pushes their logits down."""
+  return -(-n // multiple) * multiple
+
+
 def build(config) -> Dataset:
   cfg = config.data
   train_text, val_text = _texts(cfg)
@@ -30,5 +36,6 @@ def build(config) -> Dataset:
       make_train_iter=lambda: text_windows.train_windows(train_ids, cfg.block_size, batch,
                                                          config.seed),
       eval_batches=text_windows.eval_windows(val_ids, cfg.block_size, batch, cfg.eval_batches),
-      config_updates={'model.vocab_size': tokenizer.vocab_size},
+      config_updates={'model.vocab_size': _round_up(tokenizer.vocab_size,
+                                                    config.model.get('vocab_multiple', 1))},
       encode=tokenizer.encode, decode=tokenizer.decode)

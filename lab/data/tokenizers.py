@@ -26,7 +26,9 @@ class CharTokenizer:
       raise ValueError(f'character {e.args[0]!r} is not in the tokenizer vocabulary') from None
 
   def decode(self, ids) -> str:
-    return ''.join(self.chars[int(i)] for i in ids)
+    """Ids past the vocabulary (padding ids of a padded model vocab) decode as U+FFFD."""
+    n = len(self.chars)
+    return ''.join(self.chars[i] if i < n else '\ufffd' for i in map(int, ids))
 
 
 class ByteTokenizer:

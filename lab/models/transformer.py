@@ -22,6 +22,7 @@ from lab.config import ConfigError
 from lab.kernels import flash_attention
 from lab.nn import attention, mlp, norms, rope
 from lab.nn import param_spec as ps
+from lab.parallel.rules import constrain
 
 _CHOICES = {'norm': ('layernorm', 'rmsnorm'), 'mlp': ('gelu', 'swiglu'),
             'positions': ('learned', 'rope')}
@@ -126,14 +127,20 @@ def _embed(cfg, params, tokens_BT, positions_BT):
 def _logits(cfg, params, x_BTD):
   x_BTD = _norm(cfg, params['final_norm'], x_BTD)
   if cfg.tie_embeddings:
-    return jnp.einsum('BTD,VD->BTV', x_BTD, params['embed']['tokens'])
-  return jnp.einsum('BTD,DV->BTV', x_BTD, params['head'])
+    logits_BTV = jnp.einsum('BTD,VD->BTV', x_BTD, params['embed']['tokens'])
+  else:
+    logits_BTV = jnp.einsum('BTD,DV->BTV', x_BTD, params['head'])
+  return constrain(logits_BTV, ('batch', 'length', 'act_vocab'))
 
 
 def _block(cfg, p, x_BTD, positions_BT, rng, attend):
   """One pre-norm block; `attend(q, k, v) -> (o, kv)` decides where keys and values come from."""
   rngs = (None, None) if rng is None else jax.random.split(rng, 2)
+  x_BTD = constrain(x_BTD, ('batch', 'length', 'act_embed'))
   q_BTNH, k_BTKH, v_BTKH = attention.project_qkv(p['attn'], _norm(cfg, p['attn_norm'], x_BTD))
+  q_BTNH = constrain(q_BTNH, ('batch', 'length', 'act_heads', None))
+  k_BTKH = constrain(k_BTKH, ('batch', 'length', 'act_kv_heads', None))
+  v_BTKH = constrain(v_BTKH, ('batch', 'length', 'act_kv_heads', None))
   if cfg.positions == 'rope':
     q_BTNH = rope.apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
     k_BTKH = rope.apply_rope(k_BTKH, positions_BT, cfg.rope_theta)

@@ -6,6 +6,7 @@ saves at the next step boundary and returns cleanly.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -15,6 +16,9 @@ import numpy as np
 
 from lab.config import ConfigError
 from lab.nn import param_spec
+from lab.parallel import mesh as mesh_lib
+from lab.parallel import rules as rules_lib
+from lab.parallel import sharding
 from lab.train import checkpoint, metrics_log, optimizers, precision, preemption, progress, step
 from lab.train.state import TrainState
 
@@ -65,25 +69,54 @@ def _check_same_model(saved: dict, current: dict, workdir: str) -> None:
                       + '); use a new workdir')
 
 
-def train(config, task, data, workdir: str) -> TrainState:
-  """Trains to config.train.steps (or until SIGTERM) and returns the final state."""
+def _abstract_with(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def train(config, task, data, workdir: str, mesh: jax.sharding.Mesh | None = None) -> TrainState:
+  """Trains to config.train.steps (or until SIGTERM) and returns the final state.
+
+  The mesh comes from config.mesh unless given; parameters, optimizer state and batches are
+  sharded by the logical-axis rules (config.sharding_rules over lab.parallel.rules).
+  """
   cfg = config.train
+  mesh = mesh or mesh_lib.make_mesh(config.mesh, config.get('mesh_dcn'))
+  rules = rules_lib.make_rules(config.get('sharding_rules'))
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json(indent=2))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json(indent=2))
   optimizer = optimizers.make(cfg)
   ckpt = checkpoint.Checkpointer(workdir, cfg.keep_checkpoints)
   start = ckpt.latest_step() or 0
   if start:
     _check_same_model(ckpt.restore_config(start), _config_json(config), workdir)
-  state = init_state(config, task, optimizer)
+  init = functools.partial(init_state, config, task, optimizer)
+  abstract = jax.eval_shape(init)
+  shardings = sharding.state_shardings(abstract, task.param_specs, optimizer, mesh, rules)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   train_iter = data.make_train_iter()
-  if start:
-    state, data_state = ckpt.restore(start, state)
-    train_iter.set_state(data_state)
+  with rules_lib.activate(mesh, rules):
+    if start:
+      state, data_state = ckpt.restore(start, _abstract_with(abstract, shardings))
+      train_iter.set_state(data_state)
+    else:
+      state = jax.jit(init, out_shardings=shardings)()
+    train_step = jax.jit(step.make_train_step(cfg, task, optimizer),
+                         out_shardings=(shardings, replicated), donate_argnums=0)
+    eval_step = jax.jit(step.make_eval_step(cfg, task), out_shardings=replicated)
+    eval_batches = [sharding.global_batch_from_full(b, mesh, rules) for b in data.eval_batches]
+    state = _run(config, task, state, train_step, eval_step, eval_batches, train_iter, ckpt,
+                 workdir, start, lambda b: sharding.global_batch(b, mesh, rules))
+  return state
+
+
+def _run(config, task, state, train_step, eval_step, eval_batches, train_iter, ckpt, workdir,
+         start, to_global):
+  """Steps start+1 .. train.steps with logging, eval, samples, checkpoints and SIGTERM."""
+  cfg = config.train
   log = metrics_log.MetricsLog(workdir, resume_step=start)
-  train_step = jax.jit(step.make_train_step(cfg, task, optimizer), donate_argnums=0)
-  eval_step = jax.jit(step.make_eval_step(cfg, task))
   bar = progress.Progress(start, cfg.steps, cfg.log_every)
 
   def save(at: int):
@@ -101,16 +134,15 @@ def train(config, task, data, workdir: str) -> TrainState:
 
   with preemption.PreemptionFlag() as preempted:
     for at in range(start + 1, cfg.steps + 1):
-      state, metrics = train_step(state, next(train_iter))
+      state, metrics = train_step(state, to_global(next(train_iter)))
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not np.isfinite(metrics['loss']):
-        if cfg.nonfinite == 'stop':
-          raise NonFiniteLossError(f'loss is {metrics["loss"]} at step {at}; stopping '
-                                   '(set train.nonfinite="skip" to skip such steps)')
+      if not np.isfinite(metrics['loss']) and cfg.nonfinite == 'stop':
+        raise NonFiniteLossError(f'loss is {metrics["loss"]} at step {at}; stopping '
+                                 '(set train.nonfinite="skip" to skip such steps)')
       if at % cfg.log_every == 0 or at == cfg.steps:
         log.write(at, metrics)
       if cfg.eval_every and (at % cfg.eval_every == 0 or at == cfg.steps):
-        eval_metrics = evaluate(eval_step, state, data.eval_batches)
+        eval_metrics = evaluate(eval_step, state, eval_batches)
         log.write(at, eval_metrics)
         bar.write(f'step {at}: ' + ' '.join(f'{k}={v:.4f}' for k, v in eval_metrics.items()))
       if cfg.sample_every and (at % cfg.sample_every == 0 or at == cfg.steps):
