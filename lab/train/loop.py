@@ -6,9 +6,11 @@ saves at the next step boundary and returns cleanly.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -69,51 +71,65 @@ def _check_same_model(saved: dict, current: dict, workdir: str) -> None:
                       + '); use a new workdir')
 
 
-def _abstract_with(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a run needs that depends on config, task and mesh: the sharded state layout, a jitted
+  init that creates the state in that layout, and the jitted train and eval steps."""
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  abstract_state: TrainState      # ShapeDtypeStructs carrying their shardings
+  init: Callable[[], TrainState]
+  train_step: Callable            # (state, global batch) -> (state, metrics)
+  eval_step: Callable             # (state, global batch) -> metrics
+
+  def global_batch(self, local_batch: dict) -> dict:
+    return sharding.global_batch(local_batch, self.mesh, self.rules)
 
 
-def train(config, task, data, workdir: str, mesh: jax.sharding.Mesh | None = None) -> TrainState:
-  """Trains to config.train.steps (or until SIGTERM) and returns the final state.
-
-  The mesh comes from config.mesh unless given; parameters, optimizer state and batches are
-  sharded by the logical-axis rules (config.sharding_rules over lab.parallel.rules).
-  """
-  cfg = config.train
+def setup(config, task, mesh: jax.sharding.Mesh | None = None) -> Setup:
+  """The mesh comes from config.mesh unless given; parameters, optimizer state and batches are
+  sharded by the logical-axis rules (lab.parallel.rules with config.sharding_rules)."""
   mesh = mesh or mesh_lib.make_mesh(config.mesh, config.get('mesh_dcn'))
   rules = rules_lib.make_rules(config.get('sharding_rules'))
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json(indent=2))
-  optimizer = optimizers.make(cfg)
-  ckpt = checkpoint.Checkpointer(workdir, cfg.keep_checkpoints)
-  start = ckpt.latest_step() or 0
-  if start:
-    _check_same_model(ckpt.restore_config(start), _config_json(config), workdir)
+  optimizer = optimizers.make(config.train)
   init = functools.partial(init_state, config, task, optimizer)
   abstract = jax.eval_shape(init)
   shardings = sharding.state_shardings(abstract, task.param_specs, optimizer, mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return Setup(
+      mesh=mesh, rules=rules,
+      abstract_state=jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings),
+      init=jax.jit(init, out_shardings=shardings),
+      train_step=jax.jit(step.make_train_step(config.train, task, optimizer),
+                         out_shardings=(shardings, replicated), donate_argnums=0),
+      eval_step=jax.jit(step.make_eval_step(config.train, task), out_shardings=replicated))
+
+
+def train(config, task, data, workdir: str, mesh: jax.sharding.Mesh | None = None) -> TrainState:
+  """Trains to config.train.steps (or until SIGTERM) and returns the final state."""
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json(indent=2))
+  ckpt = checkpoint.Checkpointer(workdir, config.train.keep_checkpoints)
+  start = ckpt.latest_step() or 0
+  if start:
+    _check_same_model(ckpt.restore_config(start), _config_json(config), workdir)
+  run = setup(config, task, mesh)
   train_iter = data.make_train_iter()
-  with rules_lib.activate(mesh, rules):
+  with rules_lib.activate(run.mesh, run.rules):
     if start:
-      state, data_state = ckpt.restore(start, _abstract_with(abstract, shardings))
+      state, data_state = ckpt.restore(start, run.abstract_state)
       train_iter.set_state(data_state)
     else:
-      state = jax.jit(init, out_shardings=shardings)()
-    train_step = jax.jit(step.make_train_step(cfg, task, optimizer),
-                         out_shardings=(shardings, replicated), donate_argnums=0)
-    eval_step = jax.jit(step.make_eval_step(cfg, task), out_shardings=replicated)
-    eval_batches = [sharding.global_batch_from_full(b, mesh, rules) for b in data.eval_batches]
-    state = _run(config, task, state, train_step, eval_step, eval_batches, train_iter, ckpt,
-                 workdir, start, lambda b: sharding.global_batch(b, mesh, rules))
-  return state
+      state = run.init()
+    eval_batches = [sharding.global_batch_from_full(b, run.mesh, run.rules)
+                    for b in data.eval_batches]
+    return _run(config, task, state, run, eval_batches, train_iter, ckpt, workdir, start)
 
 
-def _run(config, task, state, train_step, eval_step, eval_batches, train_iter, ckpt, workdir,
-         start, to_global):
+def _run(config, task, state, run: Setup, eval_batches, train_iter, ckpt, workdir, start):
   """Steps start+1 .. train.steps with logging, eval, samples, checkpoints and SIGTERM."""
   cfg = config.train
   log = metrics_log.MetricsLog(workdir, resume_step=start)
@@ -134,7 +150,7 @@ def _run(config, task, state, train_step, eval_step, eval_batches, train_iter, c
 
   with preemption.PreemptionFlag() as preempted:
     for at in range(start + 1, cfg.steps + 1):
-      state, metrics = train_step(state, to_global(next(train_iter)))
+      state, metrics = run.train_step(state, run.global_batch(next(train_iter)))
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       if not np.isfinite(metrics['loss']) and cfg.nonfinite == 'stop':
         raise NonFiniteLossError(f'loss is {metrics["loss"]} at step {at}; stopping '
@@ -142,7 +158,7 @@ def _run(config, task, state, train_step, eval_step, eval_batches, train_iter, c
       if at % cfg.log_every == 0 or at == cfg.steps:
         log.write(at, metrics)
       if cfg.eval_every and (at % cfg.eval_every == 0 or at == cfg.steps):
-        eval_metrics = evaluate(eval_step, state, eval_batches)
+        eval_metrics = evaluate(run.eval_step, state, eval_batches)
         log.write(at, eval_metrics)
         bar.write(f'step {at}: ' + ' '.join(f'{k}={v:.4f}' for k, v in eval_metrics.items()))
       if cfg.sample_every and (at % cfg.sample_every == 0 or at == cfg.steps):
