@@ -6,6 +6,7 @@
 `experiments/<name>.py:<variant>` gives the config; every `--config.a.b=value` overrides a field.
 The config is validated (a one-line error naming key, value and expectation) and locked before
 any device work. The experiment names its data, model and objective modules by name.
+Several processes (one per host, or one per GPU) run the same command; see docs/scaling.md.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import argparse
 import importlib
 import sys
 
+import jax
 import ml_collections
 
 from lab import config as config_lib
@@ -50,12 +52,24 @@ def main(argv: list[str] | None = None):
   parser = argparse.ArgumentParser(prog='python -m lab.run', description=__doc__.split('\n')[0])
   parser.add_argument('--config', required=True, help='experiments/<name>.py[:variant]')
   parser.add_argument('--workdir', required=True, help='checkpoints, metrics and plots go here')
+  parser.add_argument('--coordinator', default='',
+                      help='host:port of process 0, for a multi-process run without a cluster '
+                           'manager (with --num_processes and --process_id)')
+  parser.add_argument('--num_processes', type=int, default=1)
+  parser.add_argument('--process_id', type=int, default=0)
+  parser.add_argument('--distributed', action='store_true',
+                      help='call jax.distributed.initialize() with auto-detection (TPU pods, '
+                           'SLURM, Open MPI)')
   args, rest = parser.parse_known_args(argv)
   overrides = []
   for item in rest:
     if not item.startswith('--config.'):
       parser.error(f'unrecognised argument {item!r}; overrides look like --config.a.b=value')
     overrides.append(item.removeprefix('--config.'))
+  if args.num_processes > 1:
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  elif args.distributed:
+    jax.distributed.initialize()
   try:
     config = config_lib.override(config_lib.load(args.config), overrides)
     config, task, data = prepare(config)

@@ -120,8 +120,7 @@ def train(config, task, data, workdir: str, mesh: jax.sharding.Mesh | None = Non
   train_iter = data.make_train_iter()
   with rules_lib.activate(run.mesh, run.rules):
     if start:
-      state, data_state = ckpt.restore(start, run.abstract_state)
-      train_iter.set_state(data_state)
+      state = ckpt.restore(start, run.abstract_state, train_iter)
     else:
       state = run.init()
     eval_batches = [sharding.global_batch_from_full(b, run.mesh, run.rules)
@@ -132,17 +131,20 @@ def train(config, task, data, workdir: str, mesh: jax.sharding.Mesh | None = Non
 def _run(config, task, state, run: Setup, eval_batches, train_iter, ckpt, workdir, start):
   """Steps start+1 .. train.steps with logging, eval, samples, checkpoints and SIGTERM."""
   cfg = config.train
-  log = metrics_log.MetricsLog(workdir, resume_step=start)
-  bar = progress.Progress(start, cfg.steps, cfg.log_every)
+  primary = jax.process_index() == 0
+  log = metrics_log.MetricsLog(workdir, resume_step=start, primary=primary)
+  bar = progress.Progress(start, cfg.steps, cfg.log_every, primary=primary)
 
   def save(at: int):
-    ckpt.save(at, state, train_iter.get_state(), _config_json(config))
+    ckpt.save(at, state, train_iter, _config_json(config))
 
   def show_samples(at: int):
     if task.sample is None:
       return
     params = state.ema_params if state.ema_params is not None else state.params
     texts = task.sample(params, step.step_key(state.rng, at, _SAMPLE_KEY))
+    if not primary:
+      return
     with open(os.path.join(workdir, 'samples.txt'), 'a') as f:
       for name, text in texts.items():
         f.write(f'--- step {at} {name}\n{text}\n')

@@ -10,9 +10,13 @@ import numpy as np
 
 class MetricsLog:
 
-  def __init__(self, workdir: str, resume_step: int = 0):
+  def __init__(self, workdir: str, resume_step: int = 0, primary: bool = True):
     """Opens the log; lines of steps after resume_step (written after the last checkpoint by a
-    run that then died) are dropped so the file reads as one uninterrupted run."""
+    run that then died) are dropped so the file reads as one uninterrupted run. Only the primary
+    process (process 0 of a multi-host run) writes; the others keep nothing."""
+    self.primary = primary
+    if not primary:
+      return
     from tensorboardX import SummaryWriter
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.records = [r for r in read(self.path) if r['step'] <= resume_step] if resume_step else []
@@ -22,6 +26,8 @@ class MetricsLog:
     self.workdir = workdir
 
   def write(self, step: int, metrics: dict) -> None:
+    if not self.primary:
+      return
     record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
     self.records.append(record)
     with open(self.path, 'a') as f:
@@ -31,6 +37,8 @@ class MetricsLog:
 
   def plot(self, filename: str = 'loss.png') -> str:
     """Plots every metric whose name ends in 'loss' against step; returns the PNG path."""
+    if not self.primary:
+      return ''
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     fig = Figure(figsize=(7, 4))  # no pyplot: the caller's (e.g. a notebook's) backend is untouched
@@ -48,7 +56,8 @@ class MetricsLog:
     return path
 
   def close(self) -> None:
-    self.tb.close()
+    if self.primary:
+      self.tb.close()
 
 
 def read(path: str) -> list[dict]:

@@ -1,4 +1,5 @@
 """The train step: float16 loss scaling, non-finite handling, gradient accumulation, EMA."""
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -98,25 +99,11 @@ def test_nonfinite_loss_stop_names_the_step(tmp_path):
 
   class Data:
     eval_batches = []
-    make_train_iter = staticmethod(lambda: _StatefulIter(batches))
+    make_train_iter = staticmethod(lambda: iter(grain.MapDataset.source(batches)
+                                                .to_iter_dataset()))
 
   with pytest.raises(loop.NonFiniteLossError, match='at step 3'):
     loop.train(config, _linear_task(nan_at=2), Data(), str(tmp_path))
-
-
-class _StatefulIter:
-  def __init__(self, batches):
-    self.batches, self.i = batches, 0
-
-  def __next__(self):
-    self.i += 1
-    return self.batches[self.i - 1]
-
-  def get_state(self):
-    return {'i': self.i}
-
-  def set_state(self, s):
-    self.i = s['i']
 
 
 def test_grad_accumulation_equals_one_big_batch():
