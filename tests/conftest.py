@@ -12,3 +12,11 @@ def tfds_dir() -> str:
   if not (TFDS_DIR / 'tiny_shakespeare').is_dir():
     pytest.fail(f'shared TFDS data dir not found at {TFDS_DIR}')
   return str(TFDS_DIR)
+
+
+@pytest.fixture
+def x64():
+  """Runs the test with float64 enabled in JAX."""
+  import jax
+  with jax.enable_x64(True):
+    yield

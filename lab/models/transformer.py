@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from lab.config import ConfigError
-from lab.kernels import flash_attention
+from lab.kernels import available_backends, flash_attention
 from lab.nn import attention, mlp, norms, rope
 from lab.nn import param_spec as ps
 from lab.parallel.rules import constrain
@@ -47,6 +47,9 @@ def validate(cfg) -> None:
                       f'model.n_heads={cfg.n_heads}')
   if cfg.positions == 'rope' and head_dim(cfg) % 2:
     raise ConfigError(f'model.head_dim={head_dim(cfg)} is odd; RoPE needs an even head dim')
+  if cfg.attention_backend not in available_backends():
+    raise ConfigError(f'model.attention_backend={cfg.attention_backend!r}; expected one of '
+                      f'{available_backends()}')
   if not 0.0 <= cfg.dropout < 1.0:
     raise ConfigError(f'model.dropout={cfg.dropout}; expected a value in [0, 1)')
 
@@ -118,9 +121,12 @@ def _dropout(x, rate: float, rng):
 
 
 def _embed(cfg, params, tokens_BT, positions_BT):
-  x_BTD = params['embed']['tokens'][tokens_BT]
+  # Gather rows from a table whose vocab dim is whole: XLA's partitioner cannot gather from a
+  # vocab-parallel table efficiently (it replicates the whole table and warns).
+  table_VD = constrain(params['embed']['tokens'], (None, 'act_embed'))
+  x_BTD = table_VD[tokens_BT]
   if cfg.positions == 'learned':
-    x_BTD = x_BTD + params['embed']['positions'][positions_BT]
+    x_BTD = x_BTD + constrain(params['embed']['positions'], (None, 'act_embed'))[positions_BT]
   return x_BTD
 
 

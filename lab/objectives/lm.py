@@ -11,7 +11,6 @@ import importlib
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from lab.config import require
 from lab.sampling import decode
@@ -19,9 +18,15 @@ from lab.train.task import Task
 
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-  """Mean negative log-likelihood in float32 (nats per token)."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits_BTV.astype(jnp.float32), targets_BT).mean()
+  """Mean negative log-likelihood in float32 (nats per token): logsumexp(z) - z[target].
+
+  The target logit is picked with a one-hot product rather than a gather, so that logits sharded
+  over the vocabulary (tensor parallelism) reduce with one psum instead of being replicated.
+  """
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  target_BT = jnp.einsum('BTV,BTV->BT', logits_BTV,
+                         jax.nn.one_hot(targets_BT, logits_BTV.shape[-1], dtype=jnp.float32))
+  return (jax.nn.logsumexp(logits_BTV, axis=-1) - target_BT).mean()
 
 
 def validate(config) -> None:

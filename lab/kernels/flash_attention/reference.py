@@ -1,6 +1,7 @@
 """Plain softmax attention in jnp: the oracle every other backend is tested against.
 
-o = softmax(scale * q k^T + mask) v   (Vaswani et al. 2017, eq. 1), scores and softmax in float32.
+o = softmax(scale * q k^T + mask) v   (Vaswani et al. 2017, eq. 1), scores and softmax in at least
+float32 (float64 inputs stay float64).
 """
 import jax
 import jax.numpy as jnp
@@ -21,9 +22,10 @@ def attention(q_BTNH, k_BSKH, v_BSKG, *, causal, q_segment_BT, kv_segment_BS, so
   """Grouped-query attention; query head n reads kv head n // (N/K). Rows with no key give 0."""
   B, T, N, H = q_BTNH.shape
   S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  acc = jnp.promote_types(q_BTNH.dtype, jnp.float32)
   q_BTKRH = q_BTNH.reshape(B, T, K, N // K, H)
   s_BKRTS = jnp.einsum('BTKRH,BSKH->BKRTS', q_BTKRH, k_BSKH,
-                       preferred_element_type=jnp.float32) * softmax_scale
+                       preferred_element_type=acc) * softmax_scale
   mask_BTS = attention_mask(T, S, causal, q_segment_BT, kv_segment_BS)
   if mask_BTS is not None:
     s_BKRTS = jnp.where(mask_BTS[:, None, None], s_BKRTS, -jnp.inf)
@@ -33,5 +35,5 @@ def attention(q_BTNH, k_BSKH, v_BSKG, *, causal, q_segment_BT, kv_segment_BS, so
   l_BKRT1 = p_BKRTS.sum(-1, keepdims=True)
   p_BKRTS = p_BKRTS / jnp.where(l_BKRT1 == 0, 1.0, l_BKRT1)
   o_BTKRG = jnp.einsum('BKRTS,BSKG->BTKRG', p_BKRTS.astype(v_BSKG.dtype), v_BSKG,
-                       preferred_element_type=jnp.float32)
+                       preferred_element_type=acc)
   return o_BTKRG.reshape(B, T, N, v_BSKG.shape[-1]).astype(q_BTNH.dtype)

@@ -1,0 +1,28 @@
+"""Float64 finite-difference gradients of NumPy oracles, shared by the layer tests."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def oracle_vjp(oracle, args, ct, eps=1e-6):
+  """J^T ct of the float64 `oracle`, by central differences one input coordinate at a time."""
+  grads = []
+  for i, a in enumerate(args):
+    g = np.zeros_like(a)
+    for idx in np.ndindex(a.shape):
+      e = np.zeros_like(a)
+      e[idx] = eps
+      shifted = lambda sign: oracle(*(x + sign * e if j == i else x for j, x in enumerate(args)))
+      g[idx] = np.vdot(ct, (shifted(1) - shifted(-1)) / (2 * eps))
+    grads.append(g)
+  return grads
+
+
+def assert_vjp_matches_oracle(f, oracle, args, rng):
+  """The float32 jax.vjp of `f` equals the float64 finite-difference vjp of `oracle`."""
+  args_f32 = [jnp.asarray(a, jnp.float32) for a in args]
+  ct = rng.standard_normal(jax.eval_shape(f, *args_f32).shape)
+  f_vjp = jax.jit(lambda ct, *args: jax.vjp(f, *args)[1](ct))
+  for got, want in zip(f_vjp(jnp.asarray(ct, jnp.float32), *args_f32),
+                       oracle_vjp(oracle, args, ct)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
