@@ -8,6 +8,7 @@ Variants (after ':'):
   tiny    a few-second config for tests.
   llama   switch the decoder to Llama's pieces (RoPE, RMSNorm, SwiGLU, GQA, untied head);
           combine as 'baby,llama'.
+  moe[=E] every MLP becomes a top-2 mixture of E experts (default 4), e.g. 'tiny,moe=4'.
 """
 import ml_collections
 
@@ -19,6 +20,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.objective = 'lm'
+  c.objective_args = dict(moe_balance_weight=0.01)
   c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
   c.sharding_rules = {}
 
@@ -29,7 +31,8 @@ def get_config(arg=None):
                  n_kv_heads=4, head_dim=0, d_ff=512, max_len=96, norm='layernorm', norm_eps=1e-5,
                  mlp='gelu', positions='learned', rope_theta=10000.0, bias=True,
                  tie_embeddings=True, dropout=0.0, init_std=0.02, remat=False,
-                 attention_backend='auto')
+                 attention_backend='auto', moe_experts=0, moe_top_k=2, moe_capacity_factor=1.25,
+                 moe_renormalize=True)
 
   c.train = dict(steps=900, batch_size=16, grad_accum=1, lr=3e-3, min_lr=3e-4, warmup_steps=50,
                  schedule='cosine', decay_steps=0, wsd_decay_fraction=0.2, b1=0.9, b2=0.99,
@@ -57,7 +60,9 @@ def get_config(arg=None):
     c.model.update(norm='rmsnorm', mlp='swiglu', positions='rope', bias=False,
                    tie_embeddings=False, n_kv_heads=max(1, c.model.n_heads // 2),
                    d_ff=(c.model.d_ff * 2) // 3)
-  unknown = set(variant) - {'baby', 'tiny', 'llama'}
+  if 'moe' in variant:
+    c.model.update(moe_experts=int(variant['moe']) if variant['moe'] is not True else 4)
+  unknown = set(variant) - {'baby', 'tiny', 'llama', 'moe'}
   if unknown:
-    raise ValueError(f'gpt_chars variant {sorted(unknown)}; expected baby, tiny and/or llama')
+    raise ValueError(f'gpt_chars variant {sorted(unknown)}; expected baby, tiny, llama, moe[=E]')
   return c

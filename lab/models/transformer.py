@@ -9,7 +9,10 @@ Blocks are stacked on a leading `layers` axis and run with `lax.scan`, so compil
 grow with depth. Config fields (`cfg` is `config.model`): vocab_size, d_model, n_layers, n_heads,
 n_kv_heads, head_dim (0: d_model // n_heads), d_ff, max_len, norm ('layernorm' | 'rmsnorm'),
 norm_eps, mlp ('gelu' | 'swiglu'), positions ('learned' | 'rope'), rope_theta, bias,
-tie_embeddings, dropout, init_std, remat, attention_backend.
+tie_embeddings, dropout, init_std, remat, attention_backend; optional mixture of experts:
+moe_experts (0: dense MLPs), moe_top_k, moe_capacity_factor, moe_renormalize: every block's MLP
+becomes a top-k MoE of `mlp`-type experts (lab.nn.moe), run expert-parallel over the mesh's
+'expert' axis in training and exactly (no capacity) when decoding.
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ import jax.numpy as jnp
 
 from lab.config import ConfigError
 from lab.kernels import available_backends, flash_attention
-from lab.nn import attention, mlp, norms, rope
+from lab.nn import attention, mlp, moe, norms, rope
 from lab.nn import param_spec as ps
+from lab.parallel import expert_dispatch
 from lab.parallel.rules import constrain
 
 _CHOICES = {'norm': ('layernorm', 'rmsnorm'), 'mlp': ('gelu', 'swiglu'),
@@ -30,6 +34,10 @@ _CHOICES = {'norm': ('layernorm', 'rmsnorm'), 'mlp': ('gelu', 'swiglu'),
 
 def head_dim(cfg) -> int:
   return cfg.head_dim or cfg.d_model // cfg.n_heads
+
+
+def n_experts(cfg) -> int:
+  return cfg.get('moe_experts', 0)
 
 
 def validate(cfg) -> None:
@@ -50,6 +58,12 @@ def validate(cfg) -> None:
   if cfg.attention_backend not in available_backends():
     raise ConfigError(f'model.attention_backend={cfg.attention_backend!r}; expected one of '
                       f'{available_backends()}')
+  if n_experts(cfg):
+    if not 1 <= cfg.moe_top_k <= cfg.moe_experts:
+      raise ConfigError(f'model.moe_top_k={cfg.moe_top_k}; expected 1..model.moe_experts='
+                        f'{cfg.moe_experts}')
+    if cfg.moe_capacity_factor <= 0:
+      raise ConfigError(f'model.moe_capacity_factor={cfg.moe_capacity_factor}; expected > 0')
   if not 0.0 <= cfg.dropout < 1.0:
     raise ConfigError(f'model.dropout={cfg.dropout}; expected a value in [0, 1)')
 
@@ -85,7 +99,8 @@ def param_specs(cfg) -> dict:
       'attn': attention.attention_specs(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim(cfg),
                                         bias=cfg.bias, std=std, out_std=out_std),
       'mlp_norm': _norm_specs(cfg),
-      'mlp': _mlp_specs(cfg, std, out_std),
+      'mlp': (moe.moe_specs(cfg.d_model, cfg.d_ff, cfg.moe_experts, mlp=cfg.mlp, std=std,
+                            out_std=out_std) if n_experts(cfg) else _mlp_specs(cfg, std, out_std)),
   }
   specs = {
       'embed': {'tokens': ps.ParamSpec((cfg.vocab_size, cfg.d_model), ps.normal(std),
@@ -107,10 +122,19 @@ def _norm(cfg, p: dict, x_BTD):
   return norms.layer_norm(x_BTD, p['scale'], p.get('bias'), cfg.norm_eps)
 
 
-def _mlp(cfg, p: dict, x_BTD):
+def _mlp(cfg, p: dict, x_BTD, exact_moe: bool):
+  """(y_BTD, aux): aux is the MoE routing statistics ({} for a dense MLP)."""
+  if n_experts(cfg):
+    kw = dict(top_k=cfg.moe_top_k, renormalize=cfg.moe_renormalize)
+    if exact_moe:
+      return moe.moe_dense(p, x_BTD, **kw)
+    if jax.sharding.get_abstract_mesh().empty:
+      return moe.moe_capacity(p, x_BTD, capacity_factor=cfg.moe_capacity_factor, **kw)
+    return expert_dispatch.moe_expert_parallel(p, x_BTD, capacity_factor=cfg.moe_capacity_factor,
+                                               **kw)
   if cfg.mlp == 'swiglu':
-    return mlp.swiglu_mlp(x_BTD, p['w_gate'], p['w_up'], p['w_down'])
-  return mlp.gelu_mlp(x_BTD, p['w_in'], p.get('b_in'), p['w_out'], p.get('b_out'))
+    return mlp.swiglu_mlp(x_BTD, p['w_gate'], p['w_up'], p['w_down']), {}
+  return mlp.gelu_mlp(x_BTD, p['w_in'], p.get('b_in'), p['w_out'], p.get('b_out')), {}
 
 
 def _dropout(x, rate: float, rng):
@@ -139,8 +163,9 @@ def _logits(cfg, params, x_BTD):
   return constrain(logits_BTV, ('batch', 'length', 'act_vocab'))
 
 
-def _block(cfg, p, x_BTD, positions_BT, rng, attend):
-  """One pre-norm block; `attend(q, k, v) -> (o, kv)` decides where keys and values come from."""
+def _block(cfg, p, x_BTD, positions_BT, rng, attend, exact_moe):
+  """One pre-norm block -> (x_BTD, (kv, moe aux)); `attend(q, k, v) -> (o, kv)` decides where
+  keys and values come from."""
   rngs = (None, None) if rng is None else jax.random.split(rng, 2)
   x_BTD = constrain(x_BTD, ('batch', 'length', 'act_embed'))
   q_BTNH, k_BTKH, v_BTKH = attention.project_qkv(p['attn'], _norm(cfg, p['attn_norm'], x_BTD))
@@ -152,28 +177,35 @@ def _block(cfg, p, x_BTD, positions_BT, rng, attend):
     k_BTKH = rope.apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
   o_BTNH, kv = attend(q_BTNH, k_BTKH, v_BTKH)
   x_BTD = x_BTD + _dropout(attention.project_out(p['attn'], o_BTNH), cfg.dropout, rngs[0])
-  x_BTD = x_BTD + _dropout(_mlp(cfg, p['mlp'], _norm(cfg, p['mlp_norm'], x_BTD)), cfg.dropout,
-                           rngs[1])
-  return x_BTD, kv
+  y_BTD, aux = _mlp(cfg, p['mlp'], _norm(cfg, p['mlp_norm'], x_BTD), exact_moe)
+  x_BTD = x_BTD + _dropout(y_BTD, cfg.dropout, rngs[1])
+  return x_BTD, (kv, aux)
 
 
-def _run_blocks(cfg, params, x_BTD, positions_BT, rng, attend, per_layer=None):
-  """Scans the stacked blocks; `per_layer` is scanned alongside (e.g. one layer's KV cache)."""
+def _run_blocks(cfg, params, x_BTD, positions_BT, rng, attend, per_layer=None, exact_moe=True):
+  """Scans the stacked blocks -> (x_BTD, (kv per layer, MoE aux per layer)); `per_layer` is
+  scanned alongside (e.g. one layer's KV cache)."""
   layer_rngs = None if rng is None else jax.random.split(rng, cfg.n_layers)
 
   def body(x_BTD, xs):
     p, layer_rng, layer_state = xs
     return _block(cfg, p, x_BTD, positions_BT, layer_rng,
-                  lambda q, k, v: attend(q, k, v, layer_state))
+                  lambda q, k, v: attend(q, k, v, layer_state), exact_moe)
 
   if cfg.remat:
     body = jax.checkpoint(body)
   return jax.lax.scan(body, x_BTD, (params['blocks'], layer_rngs, per_layer))
 
 
-def forward(cfg, params, tokens_BT: jax.Array, *, segment_ids_BT=None, positions_BT=None,
-            rng=None, train: bool = False) -> jax.Array:
-  """Causal LM logits_BTV (in the params' dtype) for tokens_BT; dropout only when train.
+def forward(cfg, params, tokens_BT: jax.Array, **kwargs) -> jax.Array:
+  """Causal LM logits_BTV (in the params' dtype); see forward_with_aux for the arguments."""
+  return forward_with_aux(cfg, params, tokens_BT, **kwargs)[0]
+
+
+def forward_with_aux(cfg, params, tokens_BT: jax.Array, *, segment_ids_BT=None,
+                     positions_BT=None, rng=None, train: bool = False):
+  """(logits_BTV, aux) for tokens_BT; dropout only when train. aux holds the MoE routing
+  statistics stacked over layers ({} for dense MLPs): dropped, load_E, load_balance_loss.
 
   With packed sequences (segment_ids_BT), pass positions_BT that restart at each segment.
   """
@@ -191,8 +223,9 @@ def forward(cfg, params, tokens_BT: jax.Array, *, segment_ids_BT=None, positions
                         backend=cfg.attention_backend)
     return o, None
 
-  x_BTD, _ = _run_blocks(cfg, params, x_BTD, positions_BT, block_rng, attend)
-  return _logits(cfg, params, x_BTD)
+  x_BTD, (_, aux) = _run_blocks(cfg, params, x_BTD, positions_BT, block_rng, attend,
+                                exact_moe=False)
+  return _logits(cfg, params, x_BTD), aux
 
 
 def prefill(cfg, params, tokens_BT: jax.Array, max_len: int):
@@ -211,7 +244,7 @@ def prefill(cfg, params, tokens_BT: jax.Array, max_len: int):
     return flash_attention(q, k, v, causal=True, backend=cfg.attention_backend), (
         jnp.pad(k, pad), jnp.pad(v, pad))
 
-  x_BTD, (k_LBSKH, v_LBSKH) = _run_blocks(cfg, params, _embed(cfg, params, tokens_BT,
+  x_BTD, ((k_LBSKH, v_LBSKH), _) = _run_blocks(cfg, params, _embed(cfg, params, tokens_BT,
                                                                 positions_BT),
                                           positions_BT, None, attend)
   cache = {'k': k_LBSKH, 'v': v_LBSKH, 'length': jnp.asarray(T, jnp.int32)}
@@ -241,6 +274,6 @@ def decode_step(cfg, params, tokens_B1: jax.Array, cache: dict):
     return o, (k_cache, v_cache)
 
   x_B1D = _embed(cfg, params, tokens_B1, positions_B1)
-  x_B1D, (k_LBSKH, v_LBSKH) = _run_blocks(cfg, params, x_B1D, positions_B1, None, attend,
+  x_B1D, ((k_LBSKH, v_LBSKH), _) = _run_blocks(cfg, params, x_B1D, positions_B1, None, attend,
                                           (cache['k'], cache['v']))
   return _logits(cfg, params, x_B1D), {'k': k_LBSKH, 'v': v_LBSKH, 'length': length + 1}

@@ -1,6 +1,8 @@
 """Next-token prediction (causal language modelling).
 
 loss = -1/(B T) sum_{b,t} log p(x_{b,t+1} | x_{b,<=t})   (Bengio et al. 2003; Radford et al. 2018)
+plus, for MoE models, config.objective_args.moe_balance_weight times the mean over layers of
+the load-balancing loss (Switch, Fedus et al. 2021, eq. 4).
 Batches are {'tokens': int32[B, T + 1]}; inputs are tokens[:, :-1], targets tokens[:, 1:].
 config.sample (num, length, prompt, temperature, top_k, top_p) drives the sampling hook.
 """
@@ -29,6 +31,15 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
   return (jax.nn.logsumexp(logits_BTV, axis=-1) - target_BT).mean()
 
 
+def moe_metrics(aux: dict) -> dict:
+  """Routing health from per-layer MoE stats: the balance loss, dropped assignments, and the
+  maximal violation MaxVio = max_e load_e / mean_e load_e - 1 (Wang et al. 2024), layer mean."""
+  load_LE = aux['load_E'].astype(jnp.float32)
+  max_vio_L = load_LE.max(-1) / load_LE.mean(-1) - 1.0
+  return {'moe_balance_loss': aux['load_balance_loss'].mean(),
+          'moe_dropped': aux['dropped'].sum().astype(jnp.float32), 'moe_max_vio': max_vio_L.mean()}
+
+
 def validate(config) -> None:
   s = config.sample
   require(0.0 < s.top_p <= 1.0, f'sample.top_p={s.top_p}; expected 0 < top_p <= 1')
@@ -46,9 +57,15 @@ def make_task(config, data) -> Task:
 
   def loss_fn(params, state, batch, rng, train):
     tokens_BT1 = batch['tokens']
-    logits_BTV = model.forward(cfg, params, tokens_BT1[:, :-1], rng=rng, train=train)
+    logits_BTV, aux = model.forward_with_aux(cfg, params, tokens_BT1[:, :-1], rng=rng,
+                                             train=train)
     loss = cross_entropy(logits_BTV, tokens_BT1[:, 1:])
-    return loss, ({'loss': loss}, state)
+    metrics = {'loss': loss}
+    if aux:
+      balance = aux['load_balance_loss'].mean()
+      metrics |= moe_metrics(aux)
+      loss = loss + config.objective_args.moe_balance_weight * balance
+    return loss, (metrics, state)
 
   s = config.sample
   prompt_ids = data.encode(s.prompt) if data.encode and s.prompt else None

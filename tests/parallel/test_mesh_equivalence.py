@@ -28,3 +28,16 @@ def test_dense_gpt_is_mesh_invariant():
     np.testing.assert_allclose(r['losses'], base['losses'], rtol=2e-6, err_msg=mesh)
     for g, g0 in zip(r['grads'], base['grads']):
       np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-6, err_msg=mesh)
+
+
+def test_moe_gpt_is_mesh_invariant():
+  """Expert parallelism (all_to_all over 'expert') on (2,2,1,2): with a capacity that cannot
+  drop (factor E / top_k), the numbers equal the single-device model's."""
+  moe = ['model.moe_experts=8', 'model.moe_top_k=2', 'model.moe_capacity_factor=4.0']
+  results = _run('1,1,1,1', '2,2,1,2', '1,1,1,8', *moe)
+  base = results.pop('1,1,1,1')
+  for mesh, r in results.items():
+    assert r['wrong_shardings'] == [], mesh
+    np.testing.assert_allclose(r['losses'], base['losses'], rtol=2e-6, err_msg=mesh)
+    for g, g0 in zip(r['grads'], base['grads']):
+      np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-6, err_msg=mesh)
