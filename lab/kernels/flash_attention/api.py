@@ -1,30 +1,60 @@
 """The one attention function every model in lab calls.
 
 `flash_attention(q_BTNH, k_BSKH, v_BSKG, causal=, segment_ids=, softmax_scale=, backend=)`
-validates its inputs before any device work and dispatches to a backend. Backends:
-  reference  plain jnp softmax attention (the oracle).
-The Pallas backends (pallas_gpu, pallas_tpu, interpret) and the fused xla backend plug in here.
+validates its inputs before any device work and dispatches to a backend:
+  reference   plain jnp softmax attention (the oracle).
+  xla         the flash-attention algorithm in jnp, compiled by XLA (xla.py).
+  pallas_gpu  our Pallas kernels, Triton lowering (gpu.py).
+  pallas_tpu  our Pallas kernels, Mosaic TPU lowering (tpu.py).
+  interpret   the pallas_gpu kernels run by the Pallas interpreter on any platform, with 16 x 16
+              tiles so that short test sequences cross block boundaries: how CI tests them.
+  auto        pallas_gpu on GPUs, pallas_tpu on TPUs, xla elsewhere; the choice is logged once.
 """
 from __future__ import annotations
+
+import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 
-from lab.kernels.flash_attention import reference
+from lab.kernels.flash_attention import pallas, reference, xla
 
-_BACKENDS = {'reference': reference.attention}
+_BACKENDS = {
+    'reference': reference.attention,
+    'xla': xla.attention,
+    'pallas_gpu': functools.partial(pallas.attention, platform='gpu'),
+    'pallas_tpu': functools.partial(pallas.attention, platform='tpu'),
+    'interpret': functools.partial(pallas.attention, platform='gpu', interpret=True,
+                                   block_q=16, block_k=16),
+}
+_NEEDS_PLATFORM = {'pallas_gpu': ('gpu', 'cuda', 'rocm'), 'pallas_tpu': ('tpu',)}
+_AUTO = {'gpu': 'pallas_gpu', 'cuda': 'pallas_gpu', 'rocm': 'pallas_gpu', 'tpu': 'pallas_tpu'}
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_log = logging.getLogger(__name__)
 
 
 def available_backends() -> tuple[str, ...]:
   return ('auto', *_BACKENDS)
 
 
+@functools.cache
+def _auto(platform: str) -> str:
+  backend = _AUTO.get(platform, 'xla')
+  _log.info('flash_attention backend="auto" on %s: using %r', platform, backend)
+  return backend
+
+
 def _resolve(backend: str) -> str:
+  platform = jax.default_backend()
   if backend == 'auto':
-    return 'reference'
+    return _auto(platform)
   if backend not in _BACKENDS:
     raise ValueError(f'attention backend={backend!r}; expected one of {available_backends()}')
+  if backend in _NEEDS_PLATFORM and platform not in _NEEDS_PLATFORM[backend]:
+    raise ValueError(f'attention backend={backend!r} needs a {_NEEDS_PLATFORM[backend][0]}, but '
+                     f"JAX's default backend is {platform}; use 'interpret' to run the kernels "
+                     'here')
   return backend
 
 
@@ -58,6 +88,9 @@ def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKG: jax.Array, *,
       raise ValueError(f'{name} has shape {x.shape}; expected rank 4 [batch, length, heads, dim]')
     if x.dtype not in _DTYPES:
       raise ValueError(f'{name} dtype {x.dtype}; expected one of float32, bfloat16, float16')
+  if not q_BTNH.dtype == k_BSKH.dtype == v_BSKG.dtype:
+    raise ValueError(f'q, k, v dtypes {q_BTNH.dtype}, {k_BSKH.dtype}, {v_BSKG.dtype}; expected '
+                     'one dtype for all three')
   B, T, N, H = q_BTNH.shape
   _, S, K, _ = k_BSKH.shape
   if k_BSKH.shape[0] != B or k_BSKH.shape[3] != H:
