@@ -18,15 +18,16 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from lab.kernels.flash_attention import pallas, reference, xla
+from lab.kernels.flash_attention import pallas, reference, sharded, xla
 
+# The Pallas backends run per device under a mesh (sharded.py); XLA partitions the others.
 _BACKENDS = {
     'reference': reference.attention,
     'xla': xla.attention,
-    'pallas_gpu': functools.partial(pallas.attention, platform='gpu'),
-    'pallas_tpu': functools.partial(pallas.attention, platform='tpu'),
-    'interpret': functools.partial(pallas.attention, platform='gpu', interpret=True,
-                                   block_q=16, block_k=16),
+    'pallas_gpu': sharded.per_device(functools.partial(pallas.attention, platform='gpu')),
+    'pallas_tpu': sharded.per_device(functools.partial(pallas.attention, platform='tpu')),
+    'interpret': sharded.per_device(functools.partial(pallas.attention, platform='gpu',
+                                                      interpret=True, block_q=16, block_k=16)),
 }
 _NEEDS_PLATFORM = {'pallas_gpu': ('gpu', 'cuda', 'rocm'), 'pallas_tpu': ('tpu',)}
 _AUTO = {'gpu': 'pallas_gpu', 'cuda': 'pallas_gpu', 'rocm': 'pallas_gpu', 'tpu': 'pallas_tpu'}
@@ -97,7 +98,7 @@ def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKG: jax.Array, *,
     raise ValueError(f'k shape {k_BSKH.shape}; expected [{B}, S, K, {H}] to match q {q_BTNH.shape}')
   if v_BSKG.shape[:3] != (B, S, K):
     raise ValueError(f'v shape {v_BSKG.shape}; expected [{B}, {S}, {K}, G] to match k {k_BSKH.shape}')
-  if N % K:
+  if K < 1 or N % K:
     raise ValueError(f'{N} query heads are not a multiple of {K} kv heads')
   q_seg, kv_seg = _split_segments(segment_ids, B, T, S)
   scale = H ** -0.5 if softmax_scale is None else softmax_scale

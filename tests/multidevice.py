@@ -19,7 +19,7 @@ N_DEVICES = 8
 _CHILD = 'LAB_MULTIDEVICE_CHILD'
 _CHILD_CODE = '''
 import runpy, sys
-sys.path.insert(0, {test_dir!r})
+sys.path[:0] = [{test_dir!r}, {tests_root!r}]
 runpy.run_path({test_file!r})[{name!r}]()
 '''
 
@@ -38,6 +38,7 @@ def on_8_devices(test):
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
                         f' --xla_force_host_platform_device_count={N_DEVICES}').strip()
     code = _CHILD_CODE.format(test_dir=os.path.dirname(test_file), test_file=test_file,
+                              tests_root=os.path.dirname(os.path.abspath(__file__)),
                               name=test.__name__)
     out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                          timeout=600)
