@@ -26,3 +26,20 @@ def assert_vjp_matches_oracle(f, oracle, args, rng):
   for got, want in zip(f_vjp(jnp.asarray(ct, jnp.float32), *args_f32),
                        oracle_vjp(oracle, args, ct)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def draw_segments(rng, B: int, T: int, S: int, kind):
+  """Segment ids for attention tests: None; 'one', sorted ids in 0..2 as packed sequences give
+  (T == S); or 'pair', q ids in 0..3 and kv ids in 0..2, so queries of segment 3 see no key."""
+  if kind is None:
+    return None
+  if kind == 'one':
+    return np.sort(rng.integers(0, 3, (B, T)), axis=1)
+  return rng.integers(0, 4, (B, T)), rng.integers(0, 3, (B, S))
+
+
+def as_jax_segments(seg):
+  """draw_segments' ids as int32 jax arrays (a pair stays a pair)."""
+  if isinstance(seg, tuple):
+    return tuple(jnp.asarray(s, jnp.int32) for s in seg)
+  return None if seg is None else jnp.asarray(seg, jnp.int32)

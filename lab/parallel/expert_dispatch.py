@@ -29,10 +29,6 @@ from lab.nn import moe
 from lab.parallel import rules as rules_lib
 
 
-def _names(entry) -> tuple[str, ...]:
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _remote_experts(params: dict, x_ECD: jax.Array, axis: str) -> jax.Array:
   """FFN of every buffer on the device that owns its expert; y_ECD back in global expert order.
 
@@ -80,16 +76,14 @@ def moe_expert_parallel(params: dict, x_BTD: jax.Array, *, top_k: int, capacity_
     raise ValueError('moe_expert_parallel got no mesh; pass mesh= or call it under '
                      'lab.parallel.rules.activate(mesh, rules)')
   rules = rules or nn.get_logical_axis_rules() or rules_lib.DEFAULT_RULES
-  token_axes = _names(rules_lib.spec(('batch',), rules)[0])
-  expert_axes = _names(rules_lib.spec(('experts',), rules)[0])
+  token_axes = rules_lib.mesh_axes(rules_lib.spec(('batch',), rules)[0])
+  expert_axes = rules_lib.mesh_axes(rules_lib.spec(('experts',), rules)[0])
   if len(expert_axes) > 1 or not set(expert_axes) <= set(token_axes):
     raise ValueError(f"logical axis 'experts' maps to {expert_axes}; expected at most one mesh "
                      f"axis, one of the token axes {token_axes}")
   B, T, _ = x_BTD.shape
   E = params['router'].shape[1]
-  n_groups = 1
-  for a in token_axes:
-    n_groups *= mesh.shape[a]
+  n_groups = rules_lib.devices_along(mesh, token_axes)
   if B % n_groups:
     raise ValueError(f'moe batch size {B} is not divisible by the {n_groups} devices of mesh '
                      f'axes {token_axes}')

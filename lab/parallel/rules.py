@@ -15,6 +15,7 @@ not the features of activations, so 'embed' and 'act_embed' map differently.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -62,13 +63,21 @@ def sharding(axes: Sequence[str | None], mesh: jax.sharding.Mesh, rules: Rules) 
   return NamedSharding(mesh, spec(axes, rules))
 
 
+def mesh_axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names) as a tuple."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def devices_along(mesh, names: Sequence[str]) -> int:
+  """How many devices the mesh axes `names` span together."""
+  return math.prod(mesh.shape[a] for a in names)
+
+
 def check_divisible(name: str, shape: Sequence[int], axes: Sequence[str | None], mesh, rules):
   """ConfigError unless every dim is divisible by the product of the mesh axes it maps to."""
-  for dim, size, mesh_axes in zip(axes, shape, spec(axes, rules)):
-    names = () if mesh_axes is None else (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
-    n = 1
-    for a in names:
-      n *= mesh.shape[a]
+  for dim, size, entry in zip(axes, shape, spec(axes, rules)):
+    names = mesh_axes(entry)
+    n = devices_along(mesh, names)
     if size % n:
       raise ConfigError(f'{name}: dim {dim!r} of size {size} is not divisible by mesh axes '
                         f'{names} of total size {n}')

@@ -14,7 +14,7 @@ from jax.test_util import check_grads
 
 from lab.kernels import available_backends, flash_attention
 from lab.kernels.flash_attention import reference
-from oracles import assert_vjp_matches_oracle
+from oracles import as_jax_segments, assert_vjp_matches_oracle, draw_segments
 
 attention_jit = jax.jit(flash_attention, static_argnames=('causal', 'softmax_scale', 'backend'))
 
@@ -52,12 +52,7 @@ def draw(seed, B, T, S, N, K, H, G, segments=None):
   q_BTNH = round32(2.0 * rng.standard_normal((B, T, N, H)))
   k_BSKH = round32(rng.standard_normal((B, S, K, H)))
   v_BSKG = round32(rng.standard_normal((B, S, K, G)))
-  if segments is None:
-    seg = None
-  elif segments == 'one':
-    seg = np.sort(rng.integers(0, 3, (B, T)), axis=1)
-  else:
-    seg = (rng.integers(0, 4, (B, T)), rng.integers(0, 3, (B, S)))
+  seg = draw_segments(rng, B, T, S, segments)
   return rng, q_BTNH, k_BSKH, v_BSKG, seg
 
 
@@ -66,12 +61,6 @@ def as_oracle_segments(seg):
     return {}
   q_seg_BT, kv_seg_BS = seg if isinstance(seg, tuple) else (seg, seg)
   return {'q_seg_BT': q_seg_BT, 'kv_seg_BS': kv_seg_BS}
-
-
-def as_jax_segments(seg):
-  if isinstance(seg, tuple):
-    return tuple(jnp.asarray(s, jnp.int32) for s in seg)
-  return None if seg is None else jnp.asarray(seg, jnp.int32)
 
 
 def f32(*arrays):

@@ -25,6 +25,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from lab.kernels import flash_attention
 from lab.kernels.flash_attention import api, pallas, tiles
+from oracles import as_jax_segments, draw_segments
 
 # Kernel logic, not XLA's optimisations, is under test: compiling at -O0 halves compile time.
 _FAST_COMPILE = {'xla_backend_optimization_level': 0}
@@ -68,12 +69,7 @@ def draw(seed, B, T, S, N, K, H, G, segments, dtype=jnp.float32):
   rng = np.random.default_rng(seed)
   rounded = lambda *shape: np.asarray(jnp.asarray(rng.standard_normal(shape), dtype), np.float64)
   q, k, v, do = rounded(B, T, N, H), rounded(B, S, K, H), rounded(B, S, K, G), rounded(B, T, N, G)
-  if segments is None:
-    seg = None
-  elif segments == 'one':
-    seg = np.sort(rng.integers(0, 3, (B, T)), axis=1)
-  else:
-    seg = (rng.integers(0, 4, (B, T)), rng.integers(0, 3, (B, S)))
+  seg = draw_segments(rng, B, T, S, segments)
   return q, k, v, do, seg
 
 
@@ -82,12 +78,6 @@ def as_oracle_segments(seg):
     return {}
   q_seg, kv_seg = seg if isinstance(seg, tuple) else (seg, seg)
   return {'q_seg': q_seg, 'kv_seg': kv_seg}
-
-
-def as_jax_segments(seg):
-  if isinstance(seg, tuple):
-    return tuple(jnp.asarray(s, jnp.int32) for s in seg)
-  return None if seg is None else jnp.asarray(seg, jnp.int32)
 
 
 def attention_vjp(attention, q, k, v, do, seg, dtype, **kw):

@@ -9,8 +9,6 @@ devices, 2 kv heads over tensor=4) is kept whole on every device for that call.
 """
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec as P
@@ -21,8 +19,8 @@ from lab.parallel import rules as rules_lib
 def _axes_dividing(logical: str, size: int, mesh, rules):
   """The mesh axes `logical` maps to if their product divides size, else None (whole)."""
   axes = rules_lib.spec((logical,), rules)[0]
-  names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-  return axes if names and size % math.prod(mesh.shape[a] for a in names) == 0 else None
+  names = rules_lib.mesh_axes(axes)
+  return axes if names and size % rules_lib.devices_along(mesh, names) == 0 else None
 
 
 def per_device(kernel):
