@@ -76,13 +76,15 @@ def _split_segments(segment_ids, B, T, S):
 
 def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKG: jax.Array, *,
                     causal: bool = False, segment_ids=None, softmax_scale: float | None = None,
-                    backend: str = 'auto') -> jax.Array:
+                    backend: str = 'auto', return_lse: bool = False):
   """Softmax attention o_BTNG = softmax(scale * q k^T + mask) v with grouped kv heads.
 
   q_BTNH: queries, N heads of dim H.  k_BSKH: keys, K kv heads (N a multiple of K).
   v_BSKG: values, head dim G (may differ from H).  causal: query t sees keys s <= t + S - T.
   segment_ids: None, an int array_BT (T == S), or a pair (q_BT, kv_BS); a query sees only keys of
   its own segment.  softmax_scale defaults to 1/sqrt(H).
+  return_lse: also return lse_BTN, the log-sum-exp of each row's scaled scores (-inf for a row
+  with no visible key), differentiable, so blocks can be merged (ring attention).
   """
   for name, x in (('q', q_BTNH), ('k', k_BSKH), ('v', v_BSKG)):
     if x.ndim != 4:
@@ -103,4 +105,5 @@ def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKG: jax.Array, *,
   q_seg, kv_seg = _split_segments(segment_ids, B, T, S)
   scale = H ** -0.5 if softmax_scale is None else softmax_scale
   return _BACKENDS[_resolve(backend)](q_BTNH, k_BSKH, v_BSKG, causal=causal, q_segment_BT=q_seg,
-                                      kv_segment_BS=kv_seg, softmax_scale=scale)
+                                      kv_segment_BS=kv_seg, softmax_scale=scale,
+                                      return_lse=return_lse)

@@ -7,7 +7,9 @@ dropped. Padding and slicing sit outside the custom_vjp, so autodiff slices the 
 
 custom_vjp (FlashAttention-2, Dao 2023): the forward saves (q, k, v, o, lse) instead of the
 T x S probabilities; the backward computes D = rowsum(dO * O) once (Algorithm 2, line 4), then
-the platform's dq and dk/dv kernels recompute the probabilities tile by tile from lse.
+the platform's dq and dk/dv kernels recompute the probabilities tile by tile from lse. The lse
+is an output too (ring attention merges blocks with it); since d lse / d s = P, its cotangent
+enters as ds = P (dP - (D - dlse)), i.e. the kernels run with D - dlse in place of D.
 """
 from __future__ import annotations
 
@@ -29,8 +31,9 @@ def _pad_to(x, sizes: dict[int, int]):
 
 def attention(q_BTNH, k_BSKH, v_BSKG, *, causal: bool, q_segment_BT, kv_segment_BS,
               softmax_scale: float, platform: str, interpret=False,
-              block_q: int | None = None, block_k: int | None = None):
-  """o_BTNG = softmax(scale q k^T + mask) v with the `platform` ('gpu' or 'tpu') kernels.
+              block_q: int | None = None, block_k: int | None = None, return_lse: bool = False):
+  """o_BTNG = softmax(scale q k^T + mask) v with the `platform` ('gpu' or 'tpu') kernels, and
+  with return_lse the row log-sum-exp lse_BTN of the scaled scores (-inf for rows with no key).
 
   interpret: pallas_call's argument (True runs the kernels in the Pallas interpreter).
   block_q, block_k: tile sizes (default: the platform's choice for these lengths).
@@ -51,24 +54,28 @@ def attention(q_BTNH, k_BSKH, v_BSKG, *, causal: bool, q_segment_BT, kv_segment_
   if spec.segmented:
     segments = (_pad_to(q_segment_BT.astype(jnp.int32), {1: T_pad})[:, :, None],
                 _pad_to(kv_segment_BS.astype(jnp.int32), {1: S_pad})[:, None, :])
-  o_BTNG = _flash(q_BTNH, k_BSKH, v_BSKG, segments, platform, spec)
-  return o_BTNG[:, :T, :, :G]
+  o_BTNG, lse_BNT1 = _flash(q_BTNH, k_BSKH, v_BSKG, segments, platform, spec)
+  if not return_lse:
+    return o_BTNG[:, :T, :, :G]
+  lse_BTN = lse_BNT1[:, :, :T, 0].transpose(0, 2, 1)
+  return o_BTNG[:, :T, :, :G], jnp.where(jnp.isposinf(lse_BTN), -jnp.inf, lse_BTN)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _flash(q_BTNH, k_BSKH, v_BSKG, segments, platform: str, spec: tiles.Spec):
-  return _PLATFORMS[platform].forward(q_BTNH, k_BSKH, v_BSKG, segments, spec)[0]
+  return _PLATFORMS[platform].forward(q_BTNH, k_BSKH, v_BSKG, segments, spec)
 
 
 def _flash_fwd(q_BTNH, k_BSKH, v_BSKG, segments, platform, spec):
   o_BTNG, lse_BNT1 = _PLATFORMS[platform].forward(q_BTNH, k_BSKH, v_BSKG, segments, spec)
-  return o_BTNG, (q_BTNH, k_BSKH, v_BSKG, segments, o_BTNG, lse_BNT1)
+  return (o_BTNG, lse_BNT1), (q_BTNH, k_BSKH, v_BSKG, segments, o_BTNG, lse_BNT1)
 
 
-def _flash_bwd(platform, spec, residuals, do_BTNG):
+def _flash_bwd(platform, spec, residuals, cotangents):
   q_BTNH, k_BSKH, v_BSKG, segments, o_BTNG, lse_BNT1 = residuals
+  do_BTNG, dlse_BNT1 = cotangents
   delta_BNT1 = jnp.einsum('BTNG,BTNG->BNT', o_BTNG.astype(jnp.float32),
-                          do_BTNG.astype(jnp.float32))[..., None]
+                          do_BTNG.astype(jnp.float32))[..., None] - dlse_BNT1
   dq, dk, dv = _PLATFORMS[platform].backward(q_BTNH, k_BSKH, v_BSKG, segments, do_BTNG,
                                              lse_BNT1, delta_BNT1, spec)
   return dq, dk, dv, None

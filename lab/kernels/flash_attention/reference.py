@@ -18,8 +18,10 @@ def attention_mask(T: int, S: int, causal: bool, q_segment_BT, kv_segment_BS):
   return mask
 
 
-def attention(q_BTNH, k_BSKH, v_BSKG, *, causal, q_segment_BT, kv_segment_BS, softmax_scale):
-  """Grouped-query attention; query head n reads kv head n // (N/K). Rows with no key give 0."""
+def attention(q_BTNH, k_BSKH, v_BSKG, *, causal, q_segment_BT, kv_segment_BS, softmax_scale,
+              return_lse: bool = False):
+  """Grouped-query attention; query head n reads kv head n // (N/K). Rows with no key give 0.
+  With return_lse also lse_BTN = log sum_s exp(scaled score) (-inf for rows with no key)."""
   B, T, N, H = q_BTNH.shape
   S, K = k_BSKH.shape[1], k_BSKH.shape[2]
   acc = jnp.promote_types(q_BTNH.dtype, jnp.float32)
@@ -36,4 +38,10 @@ def attention(q_BTNH, k_BSKH, v_BSKG, *, causal, q_segment_BT, kv_segment_BS, so
   p_BKRTS = p_BKRTS / jnp.where(l_BKRT1 == 0, 1.0, l_BKRT1)
   o_BTKRG = jnp.einsum('BKRTS,BSKG->BTKRG', p_BKRTS.astype(v_BSKG.dtype), v_BSKG,
                        preferred_element_type=acc)
-  return o_BTKRG.reshape(B, T, N, v_BSKG.shape[-1]).astype(q_BTNH.dtype)
+  o_BTNG = o_BTKRG.reshape(B, T, N, v_BSKG.shape[-1]).astype(q_BTNH.dtype)
+  if not return_lse:
+    return o_BTNG
+  empty_BKRT1 = l_BKRT1 == 0
+  lse_BKRT1 = jnp.where(empty_BKRT1, -jnp.inf,
+                        m_BKRT1 + jnp.log(jnp.where(empty_BKRT1, 1.0, l_BKRT1)))
+  return o_BTNG, jnp.moveaxis(lse_BKRT1[..., 0], -1, 1).reshape(B, T, N)

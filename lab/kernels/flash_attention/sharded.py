@@ -26,10 +26,12 @@ def _axes_dividing(logical: str, size: int, mesh, rules):
 def per_device(kernel):
   """Wraps kernel(q, k, v, *, q_segment_BT, kv_segment_BS, **kw) to run per device."""
 
-  def wrapped(q_BTNH, k_BSKH, v_BSKG, *, q_segment_BT, kv_segment_BS, **kw):
+  def wrapped(q_BTNH, k_BSKH, v_BSKG, *, q_segment_BT, kv_segment_BS, return_lse=False, **kw):
+    kw['return_lse'] = return_lse
     mesh = jax.sharding.get_abstract_mesh()
     rules = nn.get_logical_axis_rules()
-    if mesh.empty or not rules or mesh.size == 1:
+    # Inside a shard_map (manual axes, e.g. ring attention) the caller already split the work.
+    if mesh.empty or not rules or mesh.size == 1 or mesh.manual_axes:
       return kernel(q_BTNH, k_BSKH, v_BSKG, q_segment_BT=q_segment_BT,
                     kv_segment_BS=kv_segment_BS, **kw)
     B, _, N, _ = q_BTNH.shape
@@ -49,7 +51,8 @@ def per_device(kernel):
     args = (q_BTNH, k_BSKH, v_BSKG) + ((q_segment_BT, kv_segment_BS) if segmented else ())
     specs = (q_spec, kv_spec, kv_spec) + ((seg_spec, seg_spec) if segmented else ())
     # check_vma=False: pallas_call outputs carry no varying-axes annotation.
-    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=q_spec,
+    out_specs = (q_spec, P(batch, None, heads)) if return_lse else q_spec
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs,
                          check_vma=False)(*args)
 
   return wrapped

@@ -20,8 +20,11 @@ from lab.kernels.flash_attention import tiles
 _CHUNK = 512
 
 
-def attention(q_BTNH, k_BSKH, v_BSKG, *, causal, q_segment_BT, kv_segment_BS, softmax_scale):
-  """Grouped-query attention o_BTNG; query head n reads kv head n // (N/K)."""
+def attention(q_BTNH, k_BSKH, v_BSKG, *, causal, q_segment_BT, kv_segment_BS, softmax_scale,
+              return_lse: bool = False):
+  """Grouped-query attention o_BTNG; query head n reads kv head n // (N/K). With return_lse
+  also lse_BTN, the row log-sum-exp (-inf for rows with no key); its cotangent enters the
+  backward as D - dlse (see pallas.py)."""
   B, T, N, H = q_BTNH.shape
   S, K, G = k_BSKH.shape[1], k_BSKH.shape[2], v_BSKG.shape[-1]
   R = N // K
@@ -36,8 +39,12 @@ def attention(q_BTNH, k_BSKH, v_BSKG, *, causal, q_segment_BT, kv_segment_BS, so
   if spec.segmented:
     segments = (jnp.tile(q_segment_BT.astype(jnp.int32), (1, R))[:, :, None],
                 pad_keys(kv_segment_BS.astype(jnp.int32))[:, None, :])
-  o_BKQG = _flash(q_BKQH, k_BKSH, v_BKSG, segments, spec)
-  return o_BKQG.reshape(B, K, R, T, G).transpose(0, 3, 1, 2, 4).reshape(B, T, N, G)
+  o_BKQG, lse_BKQ1 = _flash(q_BKQH, k_BKSH, v_BKSG, segments, spec)
+  o_BTNG = o_BKQG.reshape(B, K, R, T, G).transpose(0, 3, 1, 2, 4).reshape(B, T, N, G)
+  if not return_lse:
+    return o_BTNG
+  lse_BTN = lse_BKQ1.reshape(B, K, R, T).transpose(0, 3, 1, 2).reshape(B, T, N)
+  return o_BTNG, jnp.where(jnp.isposinf(lse_BTN), -jnp.inf, lse_BTN)
 
 
 def _chunks(k_SH, v_SG, kv_seg_1S, spec):
@@ -91,7 +98,7 @@ def _backward_rows(q_QH, k_SH, v_SG, segments, do_QG, lse_Q1, delta_Q1, spec):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _flash(q_BKQH, k_BKSH, v_BKSG, segments, spec):
-  return _forward(q_BKQH, k_BKSH, v_BKSG, segments, spec)[0]
+  return _forward(q_BKQH, k_BKSH, v_BKSG, segments, spec)
 
 
 def _forward(q_BKQH, k_BKSH, v_BKSG, segments, spec):
@@ -101,13 +108,14 @@ def _forward(q_BKQH, k_BKSH, v_BKSG, segments, spec):
 
 def _flash_fwd(q_BKQH, k_BKSH, v_BKSG, segments, spec):
   o_BKQG, lse_BKQ1 = _forward(q_BKQH, k_BKSH, v_BKSG, segments, spec)
-  return o_BKQG, (q_BKQH, k_BKSH, v_BKSG, segments, o_BKQG, lse_BKQ1)
+  return (o_BKQG, lse_BKQ1), (q_BKQH, k_BKSH, v_BKSG, segments, o_BKQG, lse_BKQ1)
 
 
-def _flash_bwd(spec, residuals, do_BKQG):
+def _flash_bwd(spec, residuals, cotangents):
   q_BKQH, k_BKSH, v_BKSG, segments, o_BKQG, lse_BKQ1 = residuals
+  do_BKQG, dlse_BKQ1 = cotangents
   delta_BKQ1 = jnp.sum(o_BKQG.astype(jnp.float32) * do_BKQG.astype(jnp.float32), axis=-1,
-                       keepdims=True)
+                       keepdims=True) - dlse_BKQ1
   per_head = jax.vmap(functools.partial(_backward_rows, spec=spec),
                       in_axes=(0, 0, 0, None, 0, 0, 0))
   dq, dk, dv = jax.vmap(per_head)(q_BKQH, k_BKSH, v_BKSG, segments, do_BKQG, lse_BKQ1,
