@@ -21,7 +21,7 @@ def get_config(arg=None):
   c.seed = 0
   c.objective = 'lm'
   c.objective_args = dict(moe_balance_weight=0.01)
-  c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1, seq=1)
   c.sharding_rules = {}
 
   c.data = dict(name='text_chars', source='python_docs', tfds_name='tiny_shakespeare',

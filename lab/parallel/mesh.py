@@ -1,7 +1,7 @@
-"""The device mesh from config.mesh: axes data, fsdp, tensor, expert.
+"""The device mesh from config.mesh: axes data, fsdp, tensor, expert, seq.
 
-`config.mesh = {data: -1, fsdp: 1, tensor: 1, expert: 1}`: -1 takes the devices the other axes
-leave; a product that does not match the device count is a ConfigError naming both numbers.
+`config.mesh = {data: -1, fsdp: 1, tensor: 1, expert: 1, seq: 1}` (a missing axis is 1): -1 takes
+the devices the other axes leave; seq > 1 splits sequences (context parallelism); a product that does not match the device count is a ConfigError naming both numbers.
 `config.mesh_dcn` (same keys, default all 1) splits axes across slices / hosts joined by the
 data-center network: the mesh is then built by `mesh_utils.create_hybrid_device_mesh` so that
 ICI-connected devices stay together within each slice.
@@ -21,7 +21,7 @@ from jax.sharding import AxisType, Mesh
 
 from lab.config import ConfigError
 
-AXES = ('data', 'fsdp', 'tensor', 'expert')
+AXES = ('data', 'fsdp', 'tensor', 'expert', 'seq')
 
 
 def _sizes(cfg, total: int, what: str) -> tuple[int, ...]:

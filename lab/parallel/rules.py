@@ -9,6 +9,7 @@ Default layout (Megatron tensor parallelism + ZeRO-3 FSDP + expert parallelism):
   embed    -> fsdp                   parameters sharded over fsdp, gathered per layer by XLA
   mlp, heads, kv_heads, vocab -> tensor   column/row-parallel attention and MLP, vocab-parallel
   experts  -> expert
+  length   -> seq                    context parallelism: ring attention over 'seq'
 Activations use their own names (act_embed, act_heads, act_mlp, act_vocab): FSDP shards weights,
 not the features of activations, so 'embed' and 'act_embed' map differently.
 """
@@ -36,7 +37,7 @@ DEFAULT_RULES: Rules = (
     ('experts', 'expert'),
     ('layers', None),
     ('head_dim', None),
-    ('length', None),
+    ('length', 'seq'),
     # activations: features stay whole unless tensor parallelism splits them
     ('act_embed', None),
     ('act_heads', 'tensor'),

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 SCRIPT = pathlib.Path(__file__).with_name('mesh_runs.py')
-MESHES = ['8,1,1,1', '1,8,1,1', '2,2,2,1', '1,1,8,1', '2,1,4,1']
+MESHES = ['8,1,1,1', '1,8,1,1', '2,2,2,1', '1,1,8,1', '2,1,4,1', '2,1,1,1,4', '1,2,2,1,2']
 
 
 def _run(*args):

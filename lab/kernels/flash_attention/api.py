@@ -9,6 +9,8 @@ validates its inputs before any device work and dispatches to a backend:
   interpret   the pallas_gpu kernels run by the Pallas interpreter on any platform, with 16 x 16
               tiles so that short test sequences cross block boundaries: how CI tests them.
   auto        pallas_gpu on GPUs, pallas_tpu on TPUs, xla elsewhere; the choice is logged once.
+Under a mesh whose 'seq' axis splits the sequence, self-attention runs as ring attention over
+that axis (lab.parallel.context_parallel), each block on the chosen backend.
 """
 from __future__ import annotations
 
@@ -104,6 +106,16 @@ def flash_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKG: jax.Array, *,
     raise ValueError(f'{N} query heads are not a multiple of {K} kv heads')
   q_seg, kv_seg = _split_segments(segment_ids, B, T, S)
   scale = H ** -0.5 if softmax_scale is None else softmax_scale
+  # Under a mesh that splits the sequence ('seq'), self-attention becomes ring attention, whose
+  # blocks call back into this function inside a shard_map.
+  from lab.parallel import context_parallel
+  seq = context_parallel.seq_axes(T, S)
+  if seq is not None:
+    if q_seg is not None or return_lse:
+      raise ValueError('context-parallel (seq-sharded) attention supports neither segment_ids '
+                       'nor return_lse yet')
+    return context_parallel.ring_self_attention(q_BTNH, k_BSKH, v_BSKG, causal=causal,
+                                                softmax_scale=scale, backend=backend, axes=seq)
   return _BACKENDS[_resolve(backend)](q_BTNH, k_BSKH, v_BSKG, causal=causal, q_segment_BT=q_seg,
                                       kv_segment_BS=kv_seg, softmax_scale=scale,
                                       return_lse=return_lse)
