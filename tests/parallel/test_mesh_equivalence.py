@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 SCRIPT = pathlib.Path(__file__).with_name('mesh_runs.py')
-MESHES = ['8,1,1,1', '1,8,1,1', '2,2,2,1', '1,1,8,1', '2,1,4,1', '2,1,1,1,4', '1,2,2,1,2']
+DATA_FSDP_TENSOR = ['8,1,1,1', '1,8,1,1', '2,2,2,1', '1,1,8,1', '2,1,4,1']
+WITH_SEQ = ['2,1,1,1,4', '1,2,2,1,2']
 
 
 def _run(*args):
@@ -19,8 +21,9 @@ def _run(*args):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_dense_gpt_is_mesh_invariant():
-  results = _run('1,1,1,1', *MESHES)
+@pytest.mark.parametrize('meshes', [DATA_FSDP_TENSOR, WITH_SEQ], ids=['dp_fsdp_tp', 'seq'])
+def test_dense_gpt_is_mesh_invariant(meshes):
+  results = _run('1,1,1,1', *meshes)
   base = results.pop('1,1,1,1')
   assert base['losses'][-1] < base['losses'][0]
   for mesh, r in results.items():
