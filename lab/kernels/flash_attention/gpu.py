@@ -54,22 +54,28 @@ def _segment_specs(cfg, q_spec, kv_spec):
   return [q_spec, kv_spec] if cfg.segmented else []
 
 
+def _key_block(cfg, j, masked: bool, q_pos_Q1, q_seg_Q1, kv_seg_ref):
+  """(slice of key block j, its visibility mask for the query block, or None when unmasked)."""
+  bk = cfg.block_k
+  keys = pl.ds(pl.multiple_of(j * bk, bk), bk)
+  k_pos_1C = j * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+  mask = tiles.visible(q_pos_Q1, k_pos_1C, q_seg_Q1,
+                       kv_seg_ref[:, keys] if cfg.segmented else None, **cfg.mask_args(masked))
+  return keys, mask
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, *refs, cfg):
   """o and lse of one query block; refs: [q_seg, kv_seg,] o, lse."""
   q_seg_ref, kv_seg_ref = refs[:-2] if cfg.segmented else (None, None)
   o_ref, lse_ref = refs[-2:]
   i = pl.program_id(0)
-  bq, bk = cfg.block_q, cfg.block_k
+  bq = cfg.block_q
   q_QH = q_ref[...]
   q_pos_Q1 = i * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
   q_seg_Q1 = q_seg_ref[...] if cfg.segmented else None
 
   def step(masked, j, carry):
-    keys = pl.ds(pl.multiple_of(j * bk, bk), bk)
-    k_pos_1C = j * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    mask = tiles.visible(q_pos_Q1, k_pos_1C, q_seg_Q1,
-                         kv_seg_ref[:, keys] if cfg.segmented else None,
-                         **cfg.mask_args(masked))
+    keys, mask = _key_block(cfg, j, masked, q_pos_Q1, q_seg_Q1, kv_seg_ref)
     s_QC = tiles.scores(q_QH, k_ref[keys, :], cfg.scale, mask)
     return tiles.softmax_update(*carry, s_QC, v_ref[keys, :])
 
@@ -113,17 +119,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg):
   q_seg_ref, kv_seg_ref = refs[:-1] if cfg.segmented else (None, None)
   dq_ref = refs[-1]
   i = pl.program_id(0)
-  bq, bk = cfg.block_q, cfg.block_k
+  bq = cfg.block_q
   q_QH, do_QG, lse_Q1, delta_Q1 = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
   q_pos_Q1 = i * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
   q_seg_Q1 = q_seg_ref[...] if cfg.segmented else None
 
   def step(masked, j, dq_QH):
-    keys = pl.ds(pl.multiple_of(j * bk, bk), bk)
-    k_pos_1C = j * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    mask = tiles.visible(q_pos_Q1, k_pos_1C, q_seg_Q1,
-                         kv_seg_ref[:, keys] if cfg.segmented else None,
-                         **cfg.mask_args(masked))
+    keys, mask = _key_block(cfg, j, masked, q_pos_Q1, q_seg_Q1, kv_seg_ref)
     k_CH = k_ref[keys, :]
     s_QC = tiles.scores(q_QH, k_CH, cfg.scale, mask)
     _, ds_QC = tiles.probs_and_dscores(s_QC, v_ref[keys, :], do_QG, lse_Q1, delta_Q1)
