@@ -25,9 +25,12 @@ Every MoE function returns (y_BTD, aux) with aux = {'dropped': dropped (token, e
 assignments, 'load_E': assignments routed to each expert before capacity, 'load_balance_loss':
 the Switch loss (eq. 4-6) E * sum_e f_e P_e with f_e = load_e / (B*T*K) and P_e = mean_BT p_e}.
 It is 1 when routing is uniform, for any K; with K = 1 it is Switch's loss (times their alpha).
+`experts_dense` and `experts_capacity` take the routing (gates_BTK, experts_BTK) as input, so
+that other routers (lab.nn.deepseek_moe) share the expert computation.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -115,30 +118,53 @@ def routing_aux(load_E: jax.Array, prob_sum_E: jax.Array, n_tokens: int, top_k: 
           'load_balance_loss': load_E.shape[0] * jnp.sum(f_E * P_E)}
 
 
-def moe_dense(params: dict, x_BTD: jax.Array, *, top_k: int, renormalize: bool = True):
-  """The reference: every token through all of its top-k experts, no capacity (y_BTD, aux).
+def n_experts(params: dict) -> int:
+  """E, read from the stacked expert weights."""
+  return params['w_gate' if 'w_gate' in params else 'w_in'].shape[0]
 
-  Runs all E experts on all tokens and keeps the top-k: E times the FLOPs of a routed layer.
+
+def experts_dense(params: dict, x_BTD: jax.Array, gates_BTK: jax.Array,
+                  experts_BTK: jax.Array) -> jax.Array:
+  """y_BTD = sum_k gates_BTK FFN_{experts_BTK}(x_BTD) with no capacity (the reference), for any
+  routing; runs all E experts on all tokens and keeps the chosen: E/K times a routed layer's FLOPs.
   """
   B, T, D = x_BTD.shape
-  E = params['router'].shape[1]
-  probs_BTE, gates_BTK, experts_BTK = route(params['router'], x_BTD, top_k, renormalize)
+  E = n_experts(params)
   y_ECD = expert_ffn(params, jnp.broadcast_to(x_BTD.reshape(1, B * T, D), (E, B * T, D)))
   weights_BTE = jnp.einsum('BTKE,BTK->BTE', jax.nn.one_hot(experts_BTK, E), gates_BTK)
   y_BTD = jnp.einsum('BTE,EBTD->BTD', weights_BTE, y_ECD.reshape(E, B, T, D))
+  return y_BTD.astype(x_BTD.dtype)
+
+
+def experts_capacity(ffn, x_BTD: jax.Array, gates_BTK: jax.Array, experts_BTK: jax.Array, *,
+                     n_experts: int, capacity_factor: float):
+  """(y_BTD, dropped): all B*T tokens as one GShard group with capacity C per expert, for any
+  routing. `ffn(x_ECD) -> y_ECD` runs the experts on their buffers: functools.partial(expert_ffn,
+  params) here; the expert-parallel layer passes one that exchanges the buffers between devices."""
+  B, T, _ = x_BTD.shape
+  C = capacity(B * T, n_experts, experts_BTK.shape[-1], capacity_factor)
+  dispatch_BTEC, combine_BTEC, dropped = dispatch_combine(gates_BTK, experts_BTK, n_experts, C)
+  x_ECD = jnp.einsum('BTEC,BTD->ECD', dispatch_BTEC.astype(x_BTD.dtype), x_BTD)
+  y_BTD = jnp.einsum('BTEC,ECD->BTD', combine_BTEC, ffn(x_ECD))
+  return y_BTD.astype(x_BTD.dtype), dropped
+
+
+def moe_dense(params: dict, x_BTD: jax.Array, *, top_k: int, renormalize: bool = True):
+  """The reference: every token through all of its top-k experts, no capacity (y_BTD, aux)."""
+  B, T, _ = x_BTD.shape
+  probs_BTE, gates_BTK, experts_BTK = route(params['router'], x_BTD, top_k, renormalize)
+  y_BTD = experts_dense(params, x_BTD, gates_BTK, experts_BTK)
   aux = routing_aux(*routing_stats(probs_BTE, experts_BTK), B * T, top_k, jnp.zeros((), jnp.int32))
-  return y_BTD.astype(x_BTD.dtype), aux
+  return y_BTD, aux
 
 
 def moe_capacity(params: dict, x_BTD: jax.Array, *, top_k: int, capacity_factor: float,
                  renormalize: bool = True):
   """All B*T tokens as one GShard group with capacity C per expert: (y_BTD, aux)."""
   B, T, _ = x_BTD.shape
-  E = params['router'].shape[1]
   probs_BTE, gates_BTK, experts_BTK = route(params['router'], x_BTD, top_k, renormalize)
-  C = capacity(B * T, E, top_k, capacity_factor)
-  dispatch_BTEC, combine_BTEC, dropped = dispatch_combine(gates_BTK, experts_BTK, E, C)
-  x_ECD = jnp.einsum('BTEC,BTD->ECD', dispatch_BTEC.astype(x_BTD.dtype), x_BTD)
-  y_BTD = jnp.einsum('BTEC,ECD->BTD', combine_BTEC, expert_ffn(params, x_ECD))
+  y_BTD, dropped = experts_capacity(functools.partial(expert_ffn, params), x_BTD, gates_BTK,
+                                    experts_BTK, n_experts=n_experts(params),
+                                    capacity_factor=capacity_factor)
   aux = routing_aux(*routing_stats(probs_BTE, experts_BTK), B * T, top_k, dropped)
-  return y_BTD.astype(x_BTD.dtype), aux
+  return y_BTD, aux
