@@ -36,6 +36,11 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointRestore(data_iter)))
     return out.state
 
+  def restore_state(self, step: int, abstract_state):
+    """The state at step without touching any data iterator (evaluation, sampling)."""
+    return self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state))).state
+
   def restore_config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
