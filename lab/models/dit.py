@@ -1,0 +1,170 @@
+"""DiT denoiser (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers") over x_BXYC.
+
+  patchify (p x p patches, linear embedding) + fixed 2-D sin-cos positions
+  -> n_layers DiT blocks with adaLN-Zero -> final adaLN + linear to p p C -> unpatchify.
+Conditioning c_BD = t_emb + y_emb (sec. 3.2): t_emb = MLP(sinusoidal(noise, 256 features)),
+y_emb a label table with a null row for classifier-free guidance (lab.nn.timestep_embedding).
+
+DiT block with adaLN-Zero (sec. 3.2, fig. 3), LN without affine parameters, eps 1e-6:
+  [b1, s1, a1, b2, s2, a2] = Linear_zero(SiLU(c))
+  x = x + a1 * Attn(LN(x) (1 + s1) + b1);   x = x + a2 * MLP(LN(x) (1 + s2) + b2)
+The modulation linear starts at zero, so every block starts as the identity; the final layer's
+modulation and its linear to patches start at zero too, so an untrained DiT outputs zeros.
+Blocks are stacked on a leading `layers` axis and run with `lax.scan`. The learned-sigma output
+of the paper is not built: the output has the input's shape.
+
+Config fields (`cfg` is `config.model`): image_size (square, divisible by patch_size), channels,
+patch_size, d_model (divisible by 4 and by n_heads), n_layers, n_heads, mlp_ratio; optional:
+num_classes (0: unconditional; the label value num_classes is the null label), dropout (0.0, on
+the attention and MLP outputs), attention_backend ('auto'), noise_max_period (10000.0).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lab.config import require
+from lab.kernels import available_backends, flash_attention
+from lab.nn import attention, mlp, norms
+from lab.nn import param_spec as ps
+from lab.nn import timestep_embedding as temb
+
+DEFAULTS = dict(num_classes=0, dropout=0.0, attention_backend='auto', noise_max_period=10_000.0)
+NOISE_FEATURES = 256  # DiT's frequency_embedding_size
+
+
+def _opt(cfg, name):
+  return cfg.get(name, DEFAULTS[name])
+
+
+def validate(cfg) -> None:
+  """One-line ConfigErrors for values that cannot form the network."""
+  for key in ('image_size', 'channels', 'patch_size', 'd_model', 'n_layers', 'n_heads'):
+    require(cfg[key] > 0, f'model.{key}={cfg[key]}; expected a positive integer')
+  require(cfg.image_size % cfg.patch_size == 0, f'model.patch_size={cfg.patch_size} does not '
+          f'divide model.image_size={cfg.image_size}')
+  require(cfg.d_model % cfg.n_heads == 0,
+          f'model.n_heads={cfg.n_heads} does not divide model.d_model={cfg.d_model}')
+  require(cfg.d_model % 4 == 0, f'model.d_model={cfg.d_model}; expected a multiple of 4 (2-D '
+          'sin-cos positions)')
+  require(cfg.mlp_ratio > 0 and int(cfg.mlp_ratio * cfg.d_model) > 0,
+          f'model.mlp_ratio={cfg.mlp_ratio}; expected > 0')
+  require(0.0 <= _opt(cfg, 'dropout') < 1.0,
+          f'model.dropout={_opt(cfg, "dropout")}; expected a value in [0, 1)')
+  require(_opt(cfg, 'num_classes') >= 0,
+          f'model.num_classes={_opt(cfg, "num_classes")}; expected >= 0')
+  require(_opt(cfg, 'attention_backend') in available_backends(),
+          f'model.attention_backend={_opt(cfg, "attention_backend")!r}; expected one of '
+          f'{available_backends()}')
+  require(_opt(cfg, 'noise_max_period') > 0,
+          f'model.noise_max_period={_opt(cfg, "noise_max_period")}; expected > 0')
+
+
+def _zeros(shape, axes) -> ps.ParamSpec:
+  return ps.ParamSpec(shape, ps.zeros, axes)
+
+
+def param_specs(cfg) -> dict:
+  """ParamSpecs; LeCun normal weights, zero biases, zero adaLN modulations and output."""
+  validate(cfg)
+  D, F, N = cfg.d_model, int(cfg.mlp_ratio * cfg.d_model), cfg.n_heads
+  C = cfg.patch_size ** 2 * cfg.channels
+  block = {
+      'ada_w': _zeros((D, 6 * D), ('embed', None)), 'ada_b': _zeros((6 * D,), (None,)),
+      'attn': attention.attention_specs(D, N, N, D // N, bias=True, std=D ** -0.5,
+                                        out_std=D ** -0.5),
+      'mlp': {'w_in': ps.ParamSpec((D, F), ps.normal(D ** -0.5), ('embed', 'mlp')),
+              'b_in': _zeros((F,), ('mlp',)),
+              'w_out': ps.ParamSpec((F, D), ps.normal(F ** -0.5), ('mlp', 'embed')),
+              'b_out': _zeros((D,), ('embed',))},
+  }
+  return {
+      'patch_w': ps.ParamSpec((C, D), ps.normal(C ** -0.5), (None, 'embed')),
+      'patch_b': _zeros((D,), ('embed',)),
+      'cond': temb.condition_specs(_opt(cfg, 'num_classes'), NOISE_FEATURES, D),
+      'blocks': jax.tree.map(lambda s: ps.stack(s, cfg.n_layers), block, is_leaf=ps.is_spec),
+      'final': {'ada_w': _zeros((D, 2 * D), ('embed', None)), 'ada_b': _zeros((2 * D,), (None,)),
+                'w': _zeros((D, C), ('embed', None)), 'b': _zeros((C,), (None,))},
+  }
+
+
+def patchify(x_BXYC: jax.Array, p: int) -> jax.Array:
+  """x_BPC: P = (X/p)(Y/p) patches in row-major order, each a vector of C = p * p * channels
+  values in (row in patch, column in patch, channel) order, DiT's layout."""
+  B, X, Y, C = x_BXYC.shape
+  x = x_BXYC.reshape(B, X // p, p, Y // p, p, C).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(B, (X // p) * (Y // p), p * p * C)
+
+
+def unpatchify(x_BPC: jax.Array, p: int, X: int, Y: int) -> jax.Array:
+  """The inverse of patchify: x_BXYC from patches of an X x Y image."""
+  B, _, PC = x_BPC.shape
+  C = PC // (p * p)
+  x = x_BPC.reshape(B, X // p, Y // p, p, p, C).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(B, X, Y, C)
+
+
+def pos_embed(gx: int, gy: int, d: int) -> np.ndarray:
+  """pos_PD for a gx x gy patch grid (MAE / DiT 2-D sin-cos, float32): patch (i, j) gets
+  [sin(j w), cos(j w), sin(i w), cos(i w)], w_k = 10000^(-k / (d/4)), k < d/4 (as in MAE's code,
+  the first half encodes the column)."""
+  w_k = 10_000.0 ** (-np.arange(d // 4) / (d // 4))
+  i_P, j_P = (a.reshape(-1) for a in np.meshgrid(np.arange(gx), np.arange(gy), indexing='ij'))
+  parts = [f(pos_P[:, None] * w_k) for pos_P in (j_P, i_P) for f in (np.sin, np.cos)]
+  return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def _dropout(x, rate: float, rng):
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def _modulate(x_BTD, shift_BD, scale_BD):
+  """LN(x) (1 + scale) + shift, LN without affine parameters (eps 1e-6)."""
+  x_BTD = norms.layer_norm(x_BTD, jnp.ones(x_BTD.shape[-1], x_BTD.dtype), None, eps=1e-6)
+  return x_BTD * (1 + scale_BD[:, None]) + shift_BD[:, None]
+
+
+def block(cfg, p: dict, x_BTD: jax.Array, c_BD: jax.Array, rng=None) -> jax.Array:
+  """One DiT block with adaLN-Zero (module docstring); rng: dropout key or None."""
+  rngs = (None, None) if rng is None else jax.random.split(rng)
+  mod_BD = jax.nn.silu(c_BD) @ p['ada_w'] + p['ada_b']
+  shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod_BD, 6, axis=-1)
+  q_BTNH, k_BTNH, v_BTNH = attention.project_qkv(p['attn'], _modulate(x_BTD, shift1, scale1))
+  o_BTNH = flash_attention(q_BTNH, k_BTNH, v_BTNH, backend=_opt(cfg, 'attention_backend'))
+  y_BTD = _dropout(attention.project_out(p['attn'], o_BTNH), _opt(cfg, 'dropout'), rngs[0])
+  x_BTD = x_BTD + gate1[:, None] * y_BTD
+  m = p['mlp']
+  y_BTD = mlp.gelu_mlp(_modulate(x_BTD, shift2, scale2), m['w_in'], m['b_in'], m['w_out'],
+                       m['b_out'])
+  return x_BTD + gate2[:, None] * _dropout(y_BTD, _opt(cfg, 'dropout'), rngs[1])
+
+
+def forward(cfg, params, x_BXYC: jax.Array, noise_B: jax.Array, labels_B=None, *, rng=None,
+            train: bool = False) -> jax.Array:
+  """The denoiser output, same shape as x_BXYC.
+
+  noise_B: real noise conditioning c_noise, one per example. labels_B: int class labels in
+  [0, num_classes] (num_classes = null) or None (all null; required None when unconditional).
+  rng drives dropout when train.
+  """
+  B, S, C, p = x_BXYC.shape[0], cfg.image_size, cfg.channels, cfg.patch_size
+  if x_BXYC.shape[1:] != (S, S, C):
+    raise ValueError(f'images have shape {x_BXYC.shape}; expected [batch, {S}, {S}, {C}] '
+                     '(model.image_size, model.channels)')
+  if noise_B.shape != (B,):
+    raise ValueError(f'noise has shape {noise_B.shape}; expected [{B}], one level per image')
+  c_BD = temb.condition(params['cond'], noise_B, labels_B, _opt(cfg, 'num_classes'),
+                        _opt(cfg, 'noise_max_period'))
+  x_BTD = patchify(x_BXYC, p) @ params['patch_w'] + params['patch_b']
+  x_BTD = x_BTD + jnp.asarray(pos_embed(S // p, S // p, cfg.d_model), x_BTD.dtype)
+  rngs = jax.random.split(rng, cfg.n_layers) if train and rng is not None else None
+  x_BTD, _ = jax.lax.scan(lambda x, xs: (block(cfg, xs[0], x, c_BD, xs[1]), None), x_BTD,
+                          (params['blocks'], rngs))
+  f = params['final']
+  shift_BD, scale_BD = jnp.split(jax.nn.silu(c_BD) @ f['ada_w'] + f['ada_b'], 2, axis=-1)
+  out_BPC = _modulate(x_BTD, shift_BD, scale_BD) @ f['w'] + f['b']
+  return unpatchify(out_BPC, p, S, S)
