@@ -70,15 +70,17 @@ def load_arrays(source: str, split: str, data_dir: str = '', image_size: int = 0
   return _to_size(images.astype(np.float32), image_size), labels.astype(np.int32)
 
 
-def train_examples(images_BXYC, labels_B, batch_size: int, seed: int):
-  """A grain iterator of {'image': [batch_size // process_count, X, Y, C], 'label': [...]}."""
+def train_examples(arrays: dict, batch_size: int, seed: int):
+  """A grain iterator of batches of `arrays` (e.g. {'image': [N, X, Y, C], 'label': [N]}), each
+  [batch_size // process_count, ...], shuffled by `seed` and repeated over epochs."""
   n_proc, proc = jax.process_count(), jax.process_index()
+  n = len(next(iter(arrays.values())))
   if batch_size % n_proc:
     raise ConfigError(f'train.batch_size={batch_size} is not divisible by {n_proc} processes')
-  if len(labels_B) < batch_size:
-    raise ConfigError(f'train.batch_size={batch_size} exceeds the {len(labels_B)} training images')
-  ds = grain.MapDataset.range(len(labels_B)).shuffle(seed=seed).repeat()[proc::n_proc]
-  ds = ds.map(lambda i: {'image': images_BXYC[i], 'label': labels_B[i]})
+  if n < batch_size:
+    raise ConfigError(f'train.batch_size={batch_size} exceeds the {n} training examples')
+  ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat()[proc::n_proc]
+  ds = ds.map(lambda i: {k: v[i] for k, v in arrays.items()})
   return iter(ds.batch(batch_size // n_proc, drop_remainder=True).to_iter_dataset())
 
 
@@ -101,6 +103,7 @@ def build(config) -> Dataset:
   batch = config.train.batch_size
   shape = {'image_size': train_x.shape[1], 'channels': train_x.shape[-1]}
   return Dataset(
-      make_train_iter=lambda: train_examples(train_x, train_y, batch, config.seed),
+      make_train_iter=lambda: train_examples({'image': train_x, 'label': train_y}, batch,
+                                             config.seed),
       eval_batches=eval_examples(test_x, test_y, batch, cfg.eval_batches),
       config_updates={f'model.{k}': v for k, v in shape.items() if k in config.model})

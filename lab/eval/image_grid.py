@@ -40,3 +40,25 @@ def save_curve(xs, ys_by_name: dict, path: str, xlabel: str, ylabel: str,
   ax.grid(alpha=0.3)
   ax.legend()
   fig.savefig(path, dpi=100)
+
+
+def save_scatter(points_N2, path: str, limit: float = 3.0) -> None:
+  """2-D samples as a square scatter plot on [-limit, limit]^2, saved as a PNG."""
+  from matplotlib.figure import Figure
+  points_N2 = np.asarray(points_N2)
+  if points_N2.ndim != 2 or points_N2.shape[1] != 2:
+    raise ValueError(f'points of shape {points_N2.shape}; expected [N, 2]')
+  fig = Figure(figsize=(4, 4))
+  ax = fig.add_subplot()
+  ax.scatter(points_N2[:, 0], points_N2[:, 1], s=1, alpha=0.5)
+  ax.set(xlim=(-limit, limit), ylim=(-limit, limit), aspect='equal')
+  fig.savefig(path, dpi=100)
+
+
+def save_samples(samples, path: str) -> None:
+  """[B, X, Y, C] images as a grid (about square), [N, 2] points as a scatter plot."""
+  samples = np.asarray(samples)
+  if samples.ndim == 4:
+    save_image_grid(samples, path, nrow=int(np.ceil(np.sqrt(samples.shape[0]))))
+  else:
+    save_scatter(samples, path)

@@ -63,8 +63,9 @@ class Method:
     """(alpha, sigma) at the method's native time t: an int index for ddpm, t in [0, 1] for vp, ve
     and flow, sigma itself for edm."""
     if self.kind == 'ddpm':
-      abar = jnp.asarray(self.alpha_bars, jnp.float32)[t]
-      return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+      abar = self.alpha_bars   # both tables in float64, then cast: 1 - abar loses no bits
+      return (jnp.asarray(np.sqrt(abar), jnp.float32)[t],
+              jnp.asarray(np.sqrt(1.0 - abar), jnp.float32)[t])
     if self.kind == 'vp':
       log_abar = -0.5 * t ** 2 * (self.beta_max - self.beta_min) - t * self.beta_min
       return jnp.exp(0.5 * log_abar), jnp.sqrt(-jnp.expm1(log_abar))

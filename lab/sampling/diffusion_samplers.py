@@ -83,9 +83,16 @@ def sample(method: Method, net, params, key: jax.Array, shape: tuple[int, ...], 
 def sample_denoiser(method: Method, D, key: jax.Array, shape: tuple[int, ...], *, sampler: str,
                     steps: int, eta: float = 0.0, rho: float = 7.0, s_churn: float = 40.0,
                     s_tmin: float = 0.05, s_tmax: float = 50.0, s_noise: float = 1.003,
-                    snr: float = 0.16):
-  """Samples with any denoiser D(x_t, alpha_B, sigma_B) -> x0_hat (e.g. an analytic one)."""
+                    snr: float = 0.16, clip_x0: float = 0.0):
+  """Samples with any denoiser D(x_t, alpha_B, sigma_B) -> x0_hat (e.g. an analytic one).
+
+  clip_x0 > 0 clips every x0 estimate to [-clip_x0, clip_x0], as the DDPM and DDIM image
+  samplers do for data in [-1, 1] (Ho et al.'s code; diffusers' clip_sample); 0 leaves it.
+  """
   check(method, sampler, steps)
+  if clip_x0 > 0:
+    unclipped = D
+    D = lambda x_t, alpha_B, sigma_B: jnp.clip(unclipped(x_t, alpha_B, sigma_B), -clip_x0, clip_x0)
   init_key, loop_key = jax.random.split(key)
   z = jax.random.normal(init_key, shape)
   B = shape[0]
@@ -95,9 +102,7 @@ def sample_denoiser(method: Method, D, key: jax.Array, shape: tuple[int, ...], *
   if sampler in ('em', 'pc', 'ode'):
     return _sde(method, D, z, loop_key, sampler, steps, snr, full)
   if method.kind == 'flow':
-    taus = np.linspace(1.0, 0.0, steps + 1)
-    x0_of = lambda x, tau: D(x, full(1.0 - tau), full(tau))
-    return _ode(x0_of, z, taus, sampler == 'heun')
+    return solve_flow(D, z, steps, second_order=sampler == 'heun')
   sigma_min, sigma_max = method.sampling_range()
   sigmas = ns.karras_sigmas(steps, sigma_min, sigma_max, rho)
 
@@ -111,6 +116,14 @@ def sample_denoiser(method: Method, D, key: jax.Array, shape: tuple[int, ...], *
     gammas = np.where((sigmas[:-1] >= s_tmin) & (sigmas[:-1] <= s_tmax), gamma, 0.0)
     return _stochastic(x0_of, x_hat, sigmas, gammas, s_noise, loop_key)
   return _ode(x0_of, x_hat, sigmas, sampler == 'heun')
+
+
+def solve_flow(D, z, steps: int, second_order: bool = False):
+  """x_0 from x_1 = z along the flow ODE dx_t/dt = (x_t - D(x_t)) / t, t = 1 .. 0 evenly
+  (Euler, or Heun with second_order); D is a flow denoiser D(x_t, alpha = 1 - t, sigma = t)."""
+  full = lambda v: jnp.full((z.shape[0],), v, jnp.float32)
+  x0_of = lambda x, tau: D(x, full(1.0 - tau), full(tau))
+  return _ode(x0_of, z, np.linspace(1.0, 0.0, steps + 1), second_order)
 
 
 def _expand(v_B, x):

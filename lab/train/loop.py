@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lab.config import ConfigError
+from lab.eval import image_grid
 from lab.nn import param_spec
 from lab.parallel import mesh as mesh_lib
 from lab.parallel import rules as rules_lib
@@ -139,16 +140,20 @@ def _run(config, task, state, run: Setup, eval_batches, train_iter, ckpt, workdi
     ckpt.save(at, state, train_iter, _config_json(config))
 
   def show_samples(at: int):
+    """Text samples go to samples.txt and the terminal; arrays (images, points) to PNGs."""
     if task.sample is None:
       return
     params = state.ema_params if state.ema_params is not None else state.params
-    texts = task.sample(params, step.step_key(state.rng, at, _SAMPLE_KEY))
+    outputs = task.sample(params, step.step_key(state.rng, at, _SAMPLE_KEY))
     if not primary:
       return
-    with open(os.path.join(workdir, 'samples.txt'), 'a') as f:
-      for name, text in texts.items():
-        f.write(f'--- step {at} {name}\n{text}\n')
-        bar.write(f'--- step {at} {name}\n{text}')
+    for name, value in outputs.items():
+      if not isinstance(value, str):
+        image_grid.save_samples(value, os.path.join(workdir, f'samples_{name}_{at:06d}.png'))
+        continue
+      with open(os.path.join(workdir, 'samples.txt'), 'a') as f:
+        f.write(f'--- step {at} {name}\n{value}\n')
+      bar.write(f'--- step {at} {name}\n{value}')
 
   with preemption.PreemptionFlag() as preempted:
     for at in range(start + 1, cfg.steps + 1):

@@ -116,7 +116,8 @@ def test_processes_read_disjoint_slices(monkeypatch):
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   for proc in range(2):
     monkeypatch.setattr(jax, 'process_index', lambda: proc)
-    it = images.train_examples(train_x, np.arange(1500, dtype=np.int32), 32, seed=3)
+    it = images.train_examples({'image': train_x, 'label': np.arange(1500, dtype=np.int32)}, 32,
+                              seed=3)
     batches = [next(it) for _ in range(10)]
     assert batches[0]['image'].shape == (16, 8, 8, 1)
     seen.append(np.concatenate([b['label'] for b in batches]))  # labels here are row indices
