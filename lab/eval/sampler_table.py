@@ -7,8 +7,8 @@
 Each --entry is label:workdir:sampler:steps. Every entry draws --num samples from its run's (EMA)
 parameters with the same seed, and is scored by the Fréchet distance in the feature space of a
 small classifier that lab trains on the same dataset (lab/eval/feature_fid.py; cached in --out),
-against the statistics of the test split. Writes table.json, table.md, one sample grid per entry
-and fid_vs_nfe.png to --out.
+against the statistics of the training split, as FID does. Writes table.json, table.md, one
+sample grid per entry and fid_vs_nfe.png to --out.
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def main(argv=None):
     run = runs[workdir]
     data = run.config.data
     net = classifier(args.out, data.source, data.data_dir, args.classifier_steps)
-    real, _ = images.load_arrays(data.source, 'test', data.data_dir, data.image_size)
+    real, _ = images.load_arrays(data.source, 'train', data.data_dir, data.image_size)
     method = diffusion_method.from_config(run.config.objective_args)
     start = time.time()
     fake = draw(run, sampler, steps, args.num, args.batch, args.seed)
