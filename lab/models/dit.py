@@ -16,7 +16,8 @@ of the paper is not built: the output has the input's shape.
 Config fields (`cfg` is `config.model`): image_size (square, divisible by patch_size), channels,
 patch_size, d_model (divisible by 4 and by n_heads), n_layers, n_heads, mlp_ratio; optional:
 num_classes (0: unconditional; the label value num_classes is the null label), dropout (0.0, on
-the attention and MLP outputs), attention_backend ('auto'), noise_max_period (10000.0).
+the attention and MLP outputs), attention_backend ('auto'), noise_max_period (10000.0); their
+defaults and checks live in lab.models.denoiser_options.
 """
 from __future__ import annotations
 
@@ -25,17 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from lab.config import require
-from lab.kernels import available_backends, flash_attention
+from lab.kernels import flash_attention
+from lab.models.denoiser_options import option, validate_common
 from lab.nn import attention, mlp, norms
 from lab.nn import param_spec as ps
 from lab.nn import timestep_embedding as temb
+from lab.nn.dropout import dropout
 
-DEFAULTS = dict(num_classes=0, dropout=0.0, attention_backend='auto', noise_max_period=10_000.0)
 NOISE_FEATURES = 256  # DiT's frequency_embedding_size
-
-
-def _opt(cfg, name):
-  return cfg.get(name, DEFAULTS[name])
 
 
 def validate(cfg) -> None:
@@ -50,15 +48,7 @@ def validate(cfg) -> None:
           'sin-cos positions)')
   require(cfg.mlp_ratio > 0 and int(cfg.mlp_ratio * cfg.d_model) > 0,
           f'model.mlp_ratio={cfg.mlp_ratio}; expected > 0')
-  require(0.0 <= _opt(cfg, 'dropout') < 1.0,
-          f'model.dropout={_opt(cfg, "dropout")}; expected a value in [0, 1)')
-  require(_opt(cfg, 'num_classes') >= 0,
-          f'model.num_classes={_opt(cfg, "num_classes")}; expected >= 0')
-  require(_opt(cfg, 'attention_backend') in available_backends(),
-          f'model.attention_backend={_opt(cfg, "attention_backend")!r}; expected one of '
-          f'{available_backends()}')
-  require(_opt(cfg, 'noise_max_period') > 0,
-          f'model.noise_max_period={_opt(cfg, "noise_max_period")}; expected > 0')
+  validate_common(cfg, attention=True)
 
 
 def _zeros(shape, axes) -> ps.ParamSpec:
@@ -82,7 +72,7 @@ def param_specs(cfg) -> dict:
   return {
       'patch_w': ps.ParamSpec((C, D), ps.normal(C ** -0.5), (None, 'embed')),
       'patch_b': _zeros((D,), ('embed',)),
-      'cond': temb.condition_specs(_opt(cfg, 'num_classes'), NOISE_FEATURES, D),
+      'cond': temb.condition_specs(option(cfg, 'num_classes'), NOISE_FEATURES, D),
       'blocks': jax.tree.map(lambda s: ps.stack(s, cfg.n_layers), block, is_leaf=ps.is_spec),
       'final': {'ada_w': _zeros((D, 2 * D), ('embed', None)), 'ada_b': _zeros((2 * D,), (None,)),
                 'w': _zeros((D, C), ('embed', None)), 'b': _zeros((C,), (None,))},
@@ -115,13 +105,6 @@ def pos_embed(gx: int, gy: int, d: int) -> np.ndarray:
   return np.concatenate(parts, axis=1).astype(np.float32)
 
 
-def _dropout(x, rate: float, rng):
-  if rng is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
-
-
 def _modulate(x_BTD, shift_BD, scale_BD):
   """LN(x) (1 + scale) + shift, LN without affine parameters (eps 1e-6)."""
   x_BTD = norms.layer_norm(x_BTD, jnp.ones(x_BTD.shape[-1], x_BTD.dtype), None, eps=1e-6)
@@ -134,13 +117,13 @@ def block(cfg, p: dict, x_BTD: jax.Array, c_BD: jax.Array, rng=None) -> jax.Arra
   mod_BD = jax.nn.silu(c_BD) @ p['ada_w'] + p['ada_b']
   shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod_BD, 6, axis=-1)
   q_BTNH, k_BTNH, v_BTNH = attention.project_qkv(p['attn'], _modulate(x_BTD, shift1, scale1))
-  o_BTNH = flash_attention(q_BTNH, k_BTNH, v_BTNH, backend=_opt(cfg, 'attention_backend'))
-  y_BTD = _dropout(attention.project_out(p['attn'], o_BTNH), _opt(cfg, 'dropout'), rngs[0])
+  o_BTNH = flash_attention(q_BTNH, k_BTNH, v_BTNH, backend=option(cfg, 'attention_backend'))
+  y_BTD = dropout(attention.project_out(p['attn'], o_BTNH), option(cfg, 'dropout'), rngs[0])
   x_BTD = x_BTD + gate1[:, None] * y_BTD
   m = p['mlp']
   y_BTD = mlp.gelu_mlp(_modulate(x_BTD, shift2, scale2), m['w_in'], m['b_in'], m['w_out'],
                        m['b_out'])
-  return x_BTD + gate2[:, None] * _dropout(y_BTD, _opt(cfg, 'dropout'), rngs[1])
+  return x_BTD + gate2[:, None] * dropout(y_BTD, option(cfg, 'dropout'), rngs[1])
 
 
 def forward(cfg, params, x_BXYC: jax.Array, noise_B: jax.Array, labels_B=None, *, rng=None,
@@ -157,8 +140,8 @@ def forward(cfg, params, x_BXYC: jax.Array, noise_B: jax.Array, labels_B=None, *
                      '(model.image_size, model.channels)')
   if noise_B.shape != (B,):
     raise ValueError(f'noise has shape {noise_B.shape}; expected [{B}], one level per image')
-  c_BD = temb.condition(params['cond'], noise_B, labels_B, _opt(cfg, 'num_classes'),
-                        _opt(cfg, 'noise_max_period'))
+  c_BD = temb.condition(params['cond'], noise_B, labels_B, option(cfg, 'num_classes'),
+                        option(cfg, 'noise_max_period'))
   x_BTD = patchify(x_BXYC, p) @ params['patch_w'] + params['patch_b']
   x_BTD = x_BTD + jnp.asarray(pos_embed(S // p, S // p, cfg.d_model), x_BTD.dtype)
   rngs = jax.random.split(rng, cfg.n_layers) if train and rng is not None else None

@@ -10,24 +10,18 @@ leading `layers` axis and run with `lax.scan`.
 
 Config fields (`cfg` is `config.model`): channels (C), width (D, even), depth; optional:
 num_classes (0: unconditional; the label value num_classes is the null label), dropout (0.0),
-noise_max_period (10000.0).
+noise_max_period (10000.0); their defaults and checks live in lab.models.denoiser_options.
 """
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from lab.config import require
+from lab.models.denoiser_options import option, validate_common
 from lab.nn import norms
 from lab.nn import param_spec as ps
 from lab.nn import timestep_embedding as temb
-
-DEFAULTS = dict(num_classes=0, dropout=0.0, noise_max_period=10_000.0)
-
-
-def _opt(cfg, name):
-  return cfg.get(name, DEFAULTS[name])
-
+from lab.nn.dropout import dropout
 
 def validate(cfg) -> None:
   """One-line ConfigErrors for values that cannot form the network."""
@@ -35,12 +29,7 @@ def validate(cfg) -> None:
     require(cfg[key] > 0, f'model.{key}={cfg[key]}; expected a positive integer')
   require(cfg.width % 2 == 0, f'model.width={cfg.width}; expected an even number (it is the '
           'sinusoidal noise-embedding width)')
-  require(0.0 <= _opt(cfg, 'dropout') < 1.0,
-          f'model.dropout={_opt(cfg, "dropout")}; expected a value in [0, 1)')
-  require(_opt(cfg, 'num_classes') >= 0,
-          f'model.num_classes={_opt(cfg, "num_classes")}; expected >= 0')
-  require(_opt(cfg, 'noise_max_period') > 0,
-          f'model.noise_max_period={_opt(cfg, "noise_max_period")}; expected > 0')
+  validate_common(cfg, attention=False)
 
 
 def param_specs(cfg) -> dict:
@@ -54,25 +43,18 @@ def param_specs(cfg) -> dict:
            'w1': dense(D, D), 'b1': vector(ps.zeros), 'we': dense(D, D), 'be': vector(ps.zeros),
            'w2': dense(D, D), 'b2': vector(ps.zeros)}
   return {'w_in': dense(C, D), 'b_in': vector(ps.zeros),
-          'cond': temb.condition_specs(_opt(cfg, 'num_classes'), D, D),
+          'cond': temb.condition_specs(option(cfg, 'num_classes'), D, D),
           'blocks': jax.tree.map(lambda s: ps.stack(s, cfg.depth), block, is_leaf=ps.is_spec),
           'out_norm_scale': vector(ps.ones), 'out_norm_bias': vector(ps.zeros),
           'w_out': ps.ParamSpec((D, C), ps.zeros, ('embed', None)),
           'b_out': ps.ParamSpec((C,), ps.zeros, (None,))}
 
 
-def _dropout(x, rate: float, rng):
-  if rng is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
-
-
 def block(cfg, p: dict, h_BD: jax.Array, c_BD: jax.Array, rng=None) -> jax.Array:
   """h + W2 dropout(SiLU(LN(h) W1 + b1 + SiLU(c) We + be)) + b2; rng: dropout key or None."""
   u_BD = norms.layer_norm(h_BD, p['norm_scale'], p['norm_bias'])
   u_BD = jax.nn.silu(u_BD @ p['w1'] + p['b1'] + jax.nn.silu(c_BD) @ p['we'] + p['be'])
-  return h_BD + _dropout(u_BD, _opt(cfg, 'dropout'), rng) @ p['w2'] + p['b2']
+  return h_BD + dropout(u_BD, option(cfg, 'dropout'), rng) @ p['w2'] + p['b2']
 
 
 def forward(cfg, params, x_BC: jax.Array, noise_B: jax.Array, labels_B=None, *, rng=None,
@@ -86,8 +68,8 @@ def forward(cfg, params, x_BC: jax.Array, noise_B: jax.Array, labels_B=None, *, 
   if noise_B.shape != x_BC.shape[:1]:
     raise ValueError(f'noise has shape {noise_B.shape}; expected [{x_BC.shape[0]}], one level '
                      'per example')
-  c_BD = temb.condition(params['cond'], noise_B, labels_B, _opt(cfg, 'num_classes'),
-                        _opt(cfg, 'noise_max_period'))
+  c_BD = temb.condition(params['cond'], noise_B, labels_B, option(cfg, 'num_classes'),
+                        option(cfg, 'noise_max_period'))
   h_BD = x_BC @ params['w_in'] + params['b_in']
   rngs = jax.random.split(rng, cfg.depth) if train and rng is not None else None
   h_BD, _ = jax.lax.scan(lambda h, xs: (block(cfg, xs[0], h, c_BD, xs[1]), None), h_BD,

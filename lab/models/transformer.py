@@ -29,6 +29,7 @@ from lab.config import ConfigError
 from lab.kernels import available_backends, flash_attention
 from lab.nn import attention, mlp, moe, norms, rope
 from lab.nn import param_spec as ps
+from lab.nn.dropout import dropout
 from lab.parallel import expert_dispatch
 from lab.parallel.rules import constrain
 
@@ -141,13 +142,6 @@ def _mlp(cfg, p: dict, x_BTD, exact_moe: bool):
   return mlp.gelu_mlp(x_BTD, p['w_in'], p.get('b_in'), p['w_out'], p.get('b_out')), {}
 
 
-def _dropout(x, rate: float, rng):
-  if rng is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
-
-
 def _embed(cfg, params, tokens_BT, positions_BT):
   # Gather rows from a table whose vocab dim is whole: XLA's partitioner cannot gather from a
   # vocab-parallel table efficiently (it replicates the whole table and warns).
@@ -184,9 +178,9 @@ def _block(cfg, p, x_BTD, positions_BT, rng, attend, exact_moe):
     q_BTNH = rope.apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
     k_BTKH = rope.apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
   o_BTNH, kv = attend(q_BTNH, k_BTKH, v_BTKH)
-  x_BTD = x_BTD + _dropout(attention.project_out(p['attn'], o_BTNH), cfg.dropout, rngs[0])
+  x_BTD = x_BTD + dropout(attention.project_out(p['attn'], o_BTNH), cfg.dropout, rngs[0])
   y_BTD, aux = _mlp(cfg, p['mlp'], _norm(cfg, p['mlp_norm'], x_BTD), exact_moe)
-  x_BTD = x_BTD + _dropout(y_BTD, cfg.dropout, rngs[1])
+  x_BTD = x_BTD + dropout(y_BTD, cfg.dropout, rngs[1])
   return x_BTD, (kv, aux)
 
 
@@ -233,7 +227,7 @@ def forward_hidden(cfg, params, tokens_BT: jax.Array, *, segment_ids_BT=None,
     positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
   rng = rng if train else None
   embed_rng, block_rng = (None, None) if rng is None else jax.random.split(rng)
-  x_BTD = _dropout(_embed(cfg, params, tokens_BT, positions_BT), cfg.dropout, embed_rng)
+  x_BTD = dropout(_embed(cfg, params, tokens_BT, positions_BT), cfg.dropout, embed_rng)
 
   def attend(q, k, v, _):
     o = flash_attention(q, k, v, causal=True, segment_ids=segment_ids_BT,

@@ -20,7 +20,8 @@ Config fields (`cfg` is `config.model`): image_size (square), channels, base_cha
 divisible by norm_groups), channel_mults (tuple, one entry per level), blocks_per_level,
 attention_resolutions (tuple of spatial sizes that occur), heads (divides the channels there);
 optional: norm_groups (32), dropout (0.0), num_classes (0: unconditional; labels = num_classes is
-the null label), attention_backend ('auto'), noise_max_period (10000.0).
+the null label), attention_backend ('auto'), noise_max_period (10000.0); the
+defaults and checks of all but norm_groups live in lab.models.denoiser_options.
 """
 from __future__ import annotations
 
@@ -31,17 +32,18 @@ import jax
 import jax.numpy as jnp
 
 from lab.config import require
-from lab.kernels import available_backends, flash_attention
+from lab.kernels import flash_attention
+from lab.models.denoiser_options import option, validate_common
 from lab.nn import attention, conv, norms
 from lab.nn import param_spec as ps
 from lab.nn import timestep_embedding as temb
+from lab.nn.dropout import dropout
 
-DEFAULTS = dict(norm_groups=32, dropout=0.0, num_classes=0, attention_backend='auto',
-                noise_max_period=10_000.0)
+NORM_GROUPS = 32  # when model.norm_groups is left out
 
 
-def _opt(cfg, name):
-  return cfg.get(name, DEFAULTS[name])
+def _norm_groups(cfg) -> int:
+  return cfg.get('norm_groups', NORM_GROUPS)
 
 
 def _resolutions(cfg) -> list[int]:
@@ -52,7 +54,7 @@ def validate(cfg) -> None:
   """One-line ConfigErrors for values that cannot form the network."""
   for key in ('image_size', 'channels', 'base_channels', 'blocks_per_level', 'heads'):
     require(cfg[key] > 0, f'model.{key}={cfg[key]}; expected a positive integer')
-  mults, groups = tuple(cfg.channel_mults), _opt(cfg, 'norm_groups')
+  mults, groups = tuple(cfg.channel_mults), _norm_groups(cfg)
   require(len(mults) > 0 and all(m > 0 for m in mults),
           f'model.channel_mults={mults}; expected a non-empty tuple of positive integers')
   require(cfg.base_channels % 2 == 0, f'model.base_channels={cfg.base_channels}; expected an '
@@ -68,15 +70,7 @@ def validate(cfg) -> None:
     width = cfg.base_channels * mults[res.index(r)]
     require(width % cfg.heads == 0, f'model.heads={cfg.heads} does not divide the {width} '
             f'channels at resolution {r}')
-  require(0.0 <= _opt(cfg, 'dropout') < 1.0,
-          f'model.dropout={_opt(cfg, "dropout")}; expected a value in [0, 1)')
-  require(_opt(cfg, 'num_classes') >= 0,
-          f'model.num_classes={_opt(cfg, "num_classes")}; expected >= 0')
-  require(_opt(cfg, 'attention_backend') in available_backends(),
-          f'model.attention_backend={_opt(cfg, "attention_backend")!r}; expected one of '
-          f'{available_backends()}')
-  require(_opt(cfg, 'noise_max_period') > 0,
-          f'model.noise_max_period={_opt(cfg, "noise_max_period")}; expected > 0')
+  validate_common(cfg, attention=True)
 
 
 def _zero_init(specs):
@@ -141,22 +135,15 @@ def param_specs(cfg) -> dict:
         stage['up'] = conv.conv_specs(3, ch, ch)
         res *= 2
       up.append(stage)
-  return {'cond': temb.condition_specs(_opt(cfg, 'num_classes'), cfg.base_channels,
+  return {'cond': temb.condition_specs(option(cfg, 'num_classes'), cfg.base_channels,
                                        4 * cfg.base_channels),
           'in_conv': conv.conv_specs(3, cfg.channels, cfg.base_channels),
           'down': down, 'mid': mid, 'up': up, 'out_norm': _norm_specs(ch),
           'out_conv': _zero_init(conv.conv_specs(3, ch, cfg.channels))}
 
 
-def _dropout(x, rate: float, rng):
-  if rng is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
-
-
 def _gn(cfg, p, x_BXYC):
-  return norms.group_norm(x_BXYC, p['scale'], p['bias'], _opt(cfg, 'norm_groups'))
+  return norms.group_norm(x_BXYC, p['scale'], p['bias'], _norm_groups(cfg))
 
 
 def res_block(cfg, p: dict, x_BXYC, c_BE, rng=None):
@@ -164,7 +151,7 @@ def res_block(cfg, p: dict, x_BXYC, c_BE, rng=None):
   h_BXYO = conv.conv2d(p['conv1'], jax.nn.silu(_gn(cfg, p['norm1'], x_BXYC)))
   scale_BO, shift_BO = jnp.split(jax.nn.silu(c_BE) @ p['emb_w'] + p['emb_b'], 2, axis=-1)
   h_BXYO = _gn(cfg, p['norm2'], h_BXYO) * (1 + scale_BO[:, None, None]) + shift_BO[:, None, None]
-  h_BXYO = _dropout(jax.nn.silu(h_BXYO), _opt(cfg, 'dropout'), rng)
+  h_BXYO = dropout(jax.nn.silu(h_BXYO), option(cfg, 'dropout'), rng)
   skip_BXYO = conv.conv2d(p['skip'], x_BXYC) if 'skip' in p else x_BXYC
   return skip_BXYO + conv.conv2d(p['conv2'], h_BXYO)
 
@@ -174,7 +161,7 @@ def attention_block(cfg, p: dict, x_BXYC):
   B, X, Y, C = x_BXYC.shape
   h_BTC = _gn(cfg, p['norm'], x_BXYC).reshape(B, X * Y, C)
   q_BTNH, k_BTNH, v_BTNH = attention.project_qkv(p, h_BTC)
-  o_BTNH = flash_attention(q_BTNH, k_BTNH, v_BTNH, backend=_opt(cfg, 'attention_backend'))
+  o_BTNH = flash_attention(q_BTNH, k_BTNH, v_BTNH, backend=option(cfg, 'attention_backend'))
   return x_BXYC + attention.project_out(p, o_BTNH).reshape(B, X, Y, C)
 
 
@@ -205,8 +192,8 @@ def forward(cfg, params, x_BXYC: jax.Array, noise_B: jax.Array, labels_B=None, *
     raise ValueError(f'noise has shape {noise_B.shape}; expected [{B}], one level per image')
   keys = (jax.random.fold_in(rng, i) if train and rng is not None else None
           for i in itertools.count())
-  c_BE = temb.condition(params['cond'], noise_B, labels_B, _opt(cfg, 'num_classes'),
-                        _opt(cfg, 'noise_max_period'))
+  c_BE = temb.condition(params['cond'], noise_B, labels_B, option(cfg, 'num_classes'),
+                        option(cfg, 'noise_max_period'))
   h = conv.conv2d(params['in_conv'], x_BXYC)
   skips = [h]
   for p in params['down']:

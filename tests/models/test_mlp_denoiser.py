@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
+import denoisers
+from denoisers import jit, key, np_condition, silu
 from lab.config import ConfigError
 from lab.models import mlp_denoiser
-from lab.nn import param_spec as ps
 
 B = 6
 
@@ -21,81 +21,26 @@ def make_cfg(**overrides):
                                         dropout=0.2, noise_max_period=1000.0) | overrides)
 
 
-# Compiling is most of these tests' time, so they share one config and two jitted functions:
-# the forward pass in eval mode, and an Adam step on the denoising loss in train mode (dropout on,
-# labels=None: all null, as classifier-free guidance's unconditional branch). Dropout keys are
-# 'rbg' keys: threefry's bit generation adds seconds to the CPU compile. `jit` skips LLVM's
-# optimisations, which halves the compile time of these tiny programs.
+# One config and two jitted functions shared by the tests (tests/denoisers.py says why).
 CFG = make_cfg()
-ADAM = optax.adam(1e-2)
-
-
-jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
-
-
-def key(i):
-  return jax.random.key(i, impl='rbg')
-
-
-@jit
-def forward(params, x, noise_B, labels_B, rng):
-  return mlp_denoiser.forward(CFG, params, x, noise_B, labels_B, rng=rng, train=False)
-
-
-@jit
-def train_step(params, opt_state, x_t, noise_B, eps, rng):
-  """-> (new params, new opt_state, loss, grads) for the MSE loss of predicting eps."""
-  loss_fn = lambda p: jnp.mean(
-      (mlp_denoiser.forward(CFG, p, x_t, noise_B, None, rng=rng, train=True) - eps) ** 2)
-  loss, grads = jax.value_and_grad(loss_fn)(params)
-  updates, opt_state = ADAM.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, loss, grads
+forward = denoisers.eval_forward(mlp_denoiser, CFG)
+train_step = denoisers.adam_train_step(mlp_denoiser, CFG)
 
 
 def draw_params(cfg, seed, perturb):
-  """Init-like params without compiling ps.init (slow on CPU with many leaves): each spec's
-  initializer is probed on a tiny shape; a constant one (zeros, ones) fills its leaf with that
-  constant (plus N(0, 0.3^2) when perturb), any other leaf gets N(0, 0.3^2)."""
-  rng = np.random.default_rng(seed)
-  def draw(s):
-    probe = np.asarray(s.init(key(0), (1, 4) if s.axes[0] == 'layers' else (4,),
-                              jnp.float32))
-    value = 0.3 * rng.standard_normal(s.shape)
-    if np.all(probe == probe.flat[0]):
-      value = probe.flat[0] + (value if perturb else np.zeros(s.shape))
-    return jnp.asarray(value, jnp.float32)
-  return jax.tree.map(draw, mlp_denoiser.param_specs(cfg), is_leaf=ps.is_spec)
+  return denoisers.draw_params(mlp_denoiser.param_specs(cfg), seed, perturb)
 
 
 def inputs(seed, cfg):
-  rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.standard_normal((B, cfg.channels)), jnp.float32),
-          jnp.asarray(rng.uniform(-2.0, 999.0, B), jnp.float32),
-          jnp.asarray(rng.integers(0, cfg.num_classes + 1, B), jnp.int32))
+  return denoisers.inputs(seed, (B, cfg.channels), cfg.num_classes)
 
 
 # ---------------------------------------------------------------- float64 NumPy oracle
 
 
-def silu(x):
-  return x / (1.0 + np.exp(-x))
-
-
 def np_layer_norm(x, scale, bias, eps=1e-5):
   c = x - x.mean(-1, keepdims=True)
   return c / np.sqrt((c ** 2).mean(-1, keepdims=True) + eps) * scale + bias
-
-
-def np_condition(p, noise_B, labels_B, max_period):
-  """MLP of [cos(t f_k), sin(t f_k)], f_k = max_period^(-k/h), plus the label row (null: last)."""
-  h = p['noise']['w1'].shape[0] // 2
-  args = noise_B[:, None] * max_period ** (-np.arange(h) / h)
-  emb = np.concatenate([np.cos(args), np.sin(args)], axis=1)
-  c = silu(emb @ p['noise']['w1'] + p['noise']['b1']) @ p['noise']['w2'] + p['noise']['b2']
-  if 'labels' in p:
-    table = p['labels']
-    c = c + table[np.full(len(noise_B), len(table) - 1) if labels_B is None else labels_B]
-  return c
 
 
 def np_forward(cfg, params, x_BC, noise_B, labels_B):
@@ -119,30 +64,20 @@ def test_forward_matches_numpy_oracle(num_classes):
   else:
     labels_B = None
     got = jit(functools.partial(mlp_denoiser.forward, cfg))(params, x_BC, noise_B)
-  assert got.shape == x_BC.shape and got.dtype == jnp.float32
   want = np_forward(cfg, params, x_BC, noise_B,
                     None if labels_B is None else np.asarray(labels_B))
-  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+  denoisers.assert_matches_oracle(got, want, x_BC)
 
 
 def test_zero_output_at_init_and_init_shapes():
-  specs = mlp_denoiser.param_specs(CFG)
-  shapes = jax.eval_shape(lambda k: ps.init(specs, k), jax.random.key(0))
-  assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes) == \
-      jax.tree.map(lambda s: (s.shape, np.dtype(s.dtype)), ps.shapes(specs))
+  denoisers.assert_init_shapes(mlp_denoiser.param_specs(CFG))
   x_BC, noise_B, labels_B = inputs(2, CFG)
   params = draw_params(CFG, 1, perturb=False)
   np.testing.assert_array_equal(forward(params, x_BC, noise_B, labels_B, key(0)), 0.0)
 
 
 def test_bfloat16_params_and_inputs_give_bfloat16():
-  """As the train step runs it (params cast to the compute dtype); traced, not compiled."""
-  shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16),
-                        ps.shapes(mlp_denoiser.param_specs(CFG)))
-  x, noise_B, labels_B = inputs(0, CFG)
-  out = jax.eval_shape(functools.partial(mlp_denoiser.forward, CFG), shapes, x.astype(jnp.bfloat16),
-                       noise_B, labels_B)
-  assert out.shape == x.shape and out.dtype == jnp.bfloat16
+  denoisers.assert_bfloat16_in_bfloat16_out(mlp_denoiser, CFG, *inputs(0, CFG))
 
 
 def test_output_depends_on_noise_and_labels_and_none_is_null():
@@ -176,40 +111,23 @@ def test_bad_config_raises(field, value):
 
 
 def denoising_batch(seed, n=64):
-  """x_t = cos(t) x0 + sin(t) eps for 2-D points x0 from a stretched Gaussian; c_noise = 1000 t."""
+  """Noised 2-D points x0 from a stretched Gaussian (denoisers.noised_batch, t < 1)."""
   rng = np.random.default_rng(seed)
   x0 = rng.standard_normal((n, 2)) * [1.0, 0.2] + [2.0, -1.0]
-  eps = rng.standard_normal((n, 2))
-  t = rng.uniform(0.0, 1.0, n)
-  x_t = np.cos(t)[:, None] * x0 + np.sin(t)[:, None] * eps
-  return [jnp.asarray(a, jnp.float32) for a in (x_t, 1000 * t, eps)]
+  return denoisers.noised_batch(rng, x0, 1.0)
 
 
 def test_dropout_only_when_training():
-  params = draw_params(CFG, 7, perturb=True)
-  x_BC, noise_B, labels_B = inputs(8, CFG)
-  np.testing.assert_array_equal(forward(params, x_BC, noise_B, labels_B, key(1)),
-                                forward(params, x_BC, noise_B, labels_B, key(2)))
-  batch, state = denoising_batch(9), ADAM.init(params)
-  loss1 = train_step(params, state, *batch, key(1))[2]
-  loss2 = train_step(params, state, *batch, key(2))[2]
-  assert abs(float(loss1) - float(loss2)) > 1e-4 * float(loss1)
+  denoisers.assert_dropout_only_when_training(forward, train_step, draw_params(CFG, 7, True),
+                                              inputs(8, CFG), denoising_batch(9))
 
 
 def test_gradients_reach_every_parameter():
-  params = draw_params(CFG, 10, perturb=True)
-  grads = train_step(params, ADAM.init(params), *denoising_batch(11), key(0))[3]
-  dead = [jax.tree_util.keystr(k) for k, g in jax.tree_util.tree_leaves_with_path(grads)
-          if not np.any(g)]
-  assert not dead, f'parameters with zero gradient: {dead}'
+  denoisers.assert_gradients_reach_every_parameter(train_step, draw_params(CFG, 10, True),
+                                                   denoising_batch(11))
 
 
 def test_adam_steps_reduce_denoising_loss():
-  """30 Adam steps on a fixed batch at least halve the loss of the zero-output initial network."""
-  params = draw_params(CFG, 12, perturb=False)
-  batch, state = denoising_batch(13), ADAM.init(params)
-  losses = []
-  for step in range(30):
-    params, state, loss, _ = train_step(params, state, *batch, key(step))
-    losses.append(float(loss))
-  assert losses[-1] < 0.5 * losses[0], losses
+  """30 Adam steps at least halve the loss of the zero-output initial network."""
+  denoisers.assert_adam_steps_halve_loss(train_step, draw_params(CFG, 12, False),
+                                         denoising_batch(13))

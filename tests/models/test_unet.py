@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
+import denoisers
+from denoisers import jit, key, np_condition, np_self_attention, silu
 from lab.config import ConfigError
 from lab.models import unet
 from lab.nn import param_spec as ps
@@ -25,77 +26,22 @@ def make_cfg(**overrides):
       attention_backend='reference', noise_max_period=1000.0) | overrides)
 
 
-# Compiling is most of these tests' time, so they share one config and two jitted functions:
-# the forward pass in eval mode, and an Adam step on the denoising loss in train mode (dropout on,
-# labels=None: all null, as classifier-free guidance's unconditional branch). Dropout keys are
-# 'rbg' keys: threefry's bit generation adds seconds to the CPU compile. `jit` skips LLVM's
-# optimisations, which halves the compile time of these tiny programs.
+# One config and two jitted functions shared by the tests (tests/denoisers.py says why).
 CFG = make_cfg()
-ADAM = optax.adam(1e-2)
-
-
-jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
-
-
-def key(i):
-  return jax.random.key(i, impl='rbg')
-
-
-@jit
-def forward(params, x, noise_B, labels_B, rng):
-  return unet.forward(CFG, params, x, noise_B, labels_B, rng=rng, train=False)
-
-
-@jit
-def train_step(params, opt_state, x_t, noise_B, eps, rng):
-  """-> (new params, new opt_state, loss, grads) for the MSE loss of predicting eps."""
-  loss_fn = lambda p: jnp.mean(
-      (unet.forward(CFG, p, x_t, noise_B, None, rng=rng, train=True) - eps) ** 2)
-  loss, grads = jax.value_and_grad(loss_fn)(params)
-  updates, opt_state = ADAM.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, loss, grads
+forward = denoisers.eval_forward(unet, CFG)
+train_step = denoisers.adam_train_step(unet, CFG)
 
 
 def draw_params(cfg, seed, perturb):
-  """Init-like params without compiling ps.init (slow on CPU with many leaves): each spec's
-  initializer is probed on a tiny shape; a constant one (zeros, ones) fills its leaf with that
-  constant (plus N(0, 0.3^2) when perturb), any other leaf gets N(0, 0.3^2)."""
-  rng = np.random.default_rng(seed)
-  def draw(s):
-    probe = np.asarray(s.init(key(0), (1, 4) if s.axes[0] == 'layers' else (4,),
-                              jnp.float32))
-    value = 0.3 * rng.standard_normal(s.shape)
-    if np.all(probe == probe.flat[0]):
-      value = probe.flat[0] + (value if perturb else np.zeros(s.shape))
-    return jnp.asarray(value, jnp.float32)
-  return jax.tree.map(draw, unet.param_specs(cfg), is_leaf=ps.is_spec)
+  return denoisers.draw_params(unet.param_specs(cfg), seed, perturb)
 
 
 def inputs(seed, cfg):
-  rng = np.random.default_rng(seed)
   S = cfg.image_size
-  return (jnp.asarray(rng.standard_normal((B, S, S, cfg.channels)), jnp.float32),
-          jnp.asarray(rng.uniform(-2.0, 999.0, B), jnp.float32),
-          jnp.asarray(rng.integers(0, cfg.num_classes + 1, B), jnp.int32))
+  return denoisers.inputs(seed, (B, S, S, cfg.channels), cfg.num_classes)
 
 
 # ---------------------------------------------------------------- float64 NumPy oracle
-
-
-def silu(x):
-  return x / (1.0 + np.exp(-x))
-
-
-def np_condition(p, noise_B, labels_B, max_period):
-  """MLP of [cos(t f_k), sin(t f_k)], f_k = max_period^(-k/h), plus the label row (null: last)."""
-  h = p['noise']['w1'].shape[0] // 2
-  args = noise_B[:, None] * max_period ** (-np.arange(h) / h)
-  emb = np.concatenate([np.cos(args), np.sin(args)], axis=1)
-  c = silu(emb @ p['noise']['w1'] + p['noise']['b1']) @ p['noise']['w2'] + p['noise']['b2']
-  if 'labels' in p:
-    table = p['labels']
-    c = c + table[np.full(len(noise_B), len(table) - 1) if labels_B is None else labels_B]
-  return c
 
 
 def np_conv(p, x, stride=1):
@@ -123,13 +69,7 @@ def np_res(p, x, c, groups):
 def np_attn(p, x, groups):
   B, X, Y, C = x.shape
   h = np_gn(p['norm'], x, groups).reshape(B, X * Y, C)
-  q, k, v = (np.einsum('btc,cnh->btnh', h, p[w]) + p[b] for w, b in
-             (('wq', 'bq'), ('wk', 'bk'), ('wv', 'bv')))
-  s = np.einsum('btnh,bsnh->bnts', q, k) / np.sqrt(q.shape[-1])
-  prob = np.exp(s - s.max(-1, keepdims=True))
-  prob /= prob.sum(-1, keepdims=True)
-  o = np.einsum('bnts,bsnh->btnh', prob, v)
-  return x + (np.einsum('btnh,nhc->btc', o, p['wo']) + p['bo']).reshape(x.shape)
+  return x + np_self_attention(p, h).reshape(x.shape)
 
 
 def np_forward(cfg, params, x, noise_B, labels_B):
@@ -168,10 +108,8 @@ def np_forward(cfg, params, x, noise_B, labels_B):
 def test_forward_matches_numpy_oracle():
   params = draw_params(CFG, 0, perturb=True)
   x, noise_B, labels_B = inputs(1, CFG)
-  got = forward(params, x, noise_B, labels_B, key(0))
-  assert got.shape == x.shape and got.dtype == jnp.float32
-  want = np_forward(CFG, params, x, noise_B, np.asarray(labels_B))
-  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+  denoisers.assert_matches_oracle(forward(params, x, noise_B, labels_B, key(0)),
+                                  np_forward(CFG, params, x, noise_B, np.asarray(labels_B)), x)
 
 
 def test_attention_through_the_kernel_matches_reference():
@@ -199,10 +137,7 @@ def test_forward_attends_through_the_configured_backend(backend, kernels):
 
 
 def test_output_zero_at_init_and_init_shapes():
-  specs = unet.param_specs(CFG)
-  shapes = jax.eval_shape(lambda k: ps.init(specs, k), jax.random.key(0))
-  assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes) == \
-      jax.tree.map(lambda s: (s.shape, np.dtype(s.dtype)), ps.shapes(specs))
+  denoisers.assert_init_shapes(unet.param_specs(CFG))
   x, noise_B, labels_B = inputs(2, CFG)
   params = draw_params(CFG, 3, perturb=False)
   np.testing.assert_array_equal(forward(params, x, noise_B, labels_B, key(0)), 0.0)
@@ -226,22 +161,12 @@ def test_residual_branches_start_at_zero():
 
 
 def test_bfloat16_params_and_inputs_give_bfloat16():
-  """As the train step runs it (params cast to the compute dtype); traced, not compiled."""
-  shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16),
-                        ps.shapes(unet.param_specs(CFG)))
-  x, noise_B, labels_B = inputs(0, CFG)
-  out = jax.eval_shape(functools.partial(unet.forward, CFG), shapes, x.astype(jnp.bfloat16),
-                       noise_B, labels_B)
-  assert out.shape == x.shape and out.dtype == jnp.bfloat16
+  denoisers.assert_bfloat16_in_bfloat16_out(unet, CFG, *inputs(0, CFG))
 
 
 def test_output_depends_on_noise_and_labels():
-  params = draw_params(CFG, 4, perturb=True)
-  x, noise_B, labels_B = inputs(5, CFG)
-  y = forward(params, x, noise_B, labels_B, key(0))
-  changed = lambda y2: np.abs(y2 - y).reshape(B, -1).max(axis=1)  # per example
-  assert changed(forward(params, x, noise_B + 1.0, labels_B, key(0))).min() > 1e-3
-  assert changed(forward(params, x, noise_B, (labels_B + 1) % 4, key(0))).min() > 1e-3
+  denoisers.assert_each_output_depends_on_noise_and_label(
+      forward, draw_params(CFG, 4, perturb=True), *inputs(5, CFG), CFG.num_classes)
 
 
 @pytest.mark.parametrize('size,mults,attn', [(28, (1, 2, 2), (14, 7)), (8, (1, 2, 2, 4), (2,)),
@@ -286,42 +211,22 @@ def test_bad_config_raises(overrides, match):
 
 
 def denoising_batch(seed, n=16):
-  """x_t = cos(t) x0 + sin(t) eps for smooth two-channel 8x8 images x0; c_noise = 1000 t."""
+  """Noised smooth two-channel 8x8 images (denoisers.smooth_images, noised_batch, t < 1.5)."""
   rng = np.random.default_rng(seed)
-  grid = np.linspace(-1, 1, 8)
-  phase = 3 * rng.uniform(0.5, 1.5, (n, 1, 1, 1)) * grid[:, None, None] + grid[None, :, None]
-  x0 = np.concatenate([np.sin(phase), np.cos(phase)], axis=-1)
-  eps = rng.standard_normal((n, 8, 8, 2))
-  t = rng.uniform(0.0, 1.5, n)
-  x_t = np.cos(t)[:, None, None, None] * x0 + np.sin(t)[:, None, None, None] * eps
-  return [jnp.asarray(a, jnp.float32) for a in (x_t, 1000 * t, eps)]
+  return denoisers.noised_batch(rng, denoisers.smooth_images(rng, n, 8, 2), 1.5)
 
 
 def test_dropout_only_when_training():
-  params = draw_params(CFG, 8, perturb=True)
-  x, noise_B, labels_B = inputs(9, CFG)
-  np.testing.assert_array_equal(forward(params, x, noise_B, labels_B, key(1)),
-                                forward(params, x, noise_B, labels_B, key(2)))
-  batch, state = denoising_batch(10), ADAM.init(params)
-  loss1 = train_step(params, state, *batch, key(1))[2]
-  loss2 = train_step(params, state, *batch, key(2))[2]
-  assert abs(float(loss1) - float(loss2)) > 1e-4 * float(loss1)
+  denoisers.assert_dropout_only_when_training(forward, train_step, draw_params(CFG, 8, True),
+                                              inputs(9, CFG), denoising_batch(10))
 
 
 def test_gradients_reach_every_parameter():
-  params = draw_params(CFG, 11, perturb=True)
-  grads = train_step(params, ADAM.init(params), *denoising_batch(12), key(0))[3]
-  dead = [jax.tree_util.keystr(k) for k, g in jax.tree_util.tree_leaves_with_path(grads)
-          if not np.any(g)]
-  assert not dead, f'parameters with zero gradient: {dead}'
+  denoisers.assert_gradients_reach_every_parameter(train_step, draw_params(CFG, 11, True),
+                                                   denoising_batch(12))
 
 
 def test_adam_steps_reduce_denoising_loss():
-  """30 Adam steps on a fixed batch at least halve the loss of the zero-output initial network."""
-  params = draw_params(CFG, 13, perturb=False)
-  batch, state = denoising_batch(14), ADAM.init(params)
-  losses = []
-  for step in range(30):
-    params, state, loss, _ = train_step(params, state, *batch, key(step))
-    losses.append(float(loss))
-  assert losses[-1] < 0.5 * losses[0], losses
+  """30 Adam steps at least halve the loss of the zero-output initial network."""
+  denoisers.assert_adam_steps_halve_loss(train_step, draw_params(CFG, 13, False),
+                                         denoising_batch(14))
