@@ -146,7 +146,8 @@ def routing_aux(scores_BTE: jax.Array, experts_BTK: jax.Array, dropped: jax.Arra
 def deepseek_moe(params: dict, bias_E: jax.Array, x_BTD: jax.Array, *, top_k: int,
                  n_groups: int = 1, top_k_groups: int = 1, routed_scaling_factor: float = 1.0,
                  normalize: bool = True, dispatch: str = 'dense',
-                 capacity_factor: float | None = None, mesh=None, rules=None):
+                 capacity_factor: float | None = None, mesh=None, rules=None,
+                 fp8: bool = False):
   """(y_BTD, aux): shared plus gated routed experts, eq. 12 without the residual u_t.
 
   params: `deepseek_moe_specs` parameters.  bias_E: the routing bias (state).  Routing kwargs:
@@ -155,22 +156,28 @@ def deepseek_moe(params: dict, bias_E: jax.Array, x_BTD: jax.Array, *, top_k: in
   C = ceil(capacity_factor B T K / E) per expert (lab.nn.moe; capacity_factor = E / K drops
   nothing); 'expert_parallel' is that per device, with experts spread over the mesh's expert
   axis (lab.parallel.expert_dispatch; mesh, rules default to the active ones).
+  fp8: the shared and routed experts' matmuls in DeepSeek-V3's fine-grained FP8 (lab.nn.fp8;
+  the router stays in float32, §3.3.1); not with 'expert_parallel', whose remote experts run in
+  lab.parallel.expert_dispatch.
   """
   if dispatch not in _DISPATCH:
     raise ValueError(f'deepseek_moe dispatch={dispatch!r}; expected one of {_DISPATCH}')
   if dispatch != 'dense' and capacity_factor is None:
     raise ValueError(f'deepseek_moe dispatch={dispatch!r} got capacity_factor=None; expected a '
                      'positive number')
+  if fp8 and dispatch == 'expert_parallel':
+    raise ValueError("deepseek_moe fp8=True with dispatch='expert_parallel'; expected 'dense' or "
+                     "'capacity' (the expert-parallel experts have no FP8 path)")
   scores_BTE, gates_BTK, experts_BTK = route(
       params['router'], bias_E, x_BTD, top_k=top_k, n_groups=n_groups,
       top_k_groups=top_k_groups, routed_scaling_factor=routed_scaling_factor, normalize=normalize)
   routed = {k: params[k] for k in _ROUTED}
   dropped = jnp.zeros((), jnp.int32)
   if dispatch == 'dense':
-    y_BTD = moe.experts_dense(routed, x_BTD, gates_BTK, experts_BTK)
+    y_BTD = moe.experts_dense(routed, x_BTD, gates_BTK, experts_BTK, fp8=fp8)
   elif dispatch == 'capacity':
     y_BTD, dropped = moe.experts_capacity(
-        functools.partial(moe.expert_ffn, routed), x_BTD, gates_BTK, experts_BTK,
+        functools.partial(moe.expert_ffn, routed, fp8=fp8), x_BTD, gates_BTK, experts_BTK,
         n_experts=moe.n_experts(routed), capacity_factor=capacity_factor)
   else:
     y_BTD, dropped = expert_dispatch.experts_expert_parallel(
@@ -178,7 +185,8 @@ def deepseek_moe(params: dict, bias_E: jax.Array, x_BTD: jax.Array, *, top_k: in
         rules=rules)
   if 'shared' in params:
     shared = params['shared']
-    y_BTD = y_BTD + mlp.swiglu_mlp(x_BTD, shared['w_gate'], shared['w_up'], shared['w_down'])
+    y_BTD = y_BTD + mlp.swiglu_mlp(x_BTD, shared['w_gate'], shared['w_up'], shared['w_down'],
+                                   fp8=fp8)
   return y_BTD, routing_aux(scores_BTE, experts_BTK, dropped)
 
 

@@ -16,6 +16,9 @@ Two equivalent ways to attend:
             score = (q^C W^UK^T) c^KV + q^R k^R, o = (softmax c^KV) W^UV. This is attention with
             one shared key [c^KV; k^R] (dim C+R) and one shared value c^KV (dim C), so cached
             tokens are never expanded into per-head keys or values.
+`fp8=True` runs the projections W^DQ, W^UQ, W^QR, W^DKV, W^KR, W^UK, W^UV and W^O through
+DeepSeek-V3's fine-grained FP8 GEMMs (lab.nn.fp8, §3.3); the attention core and, in the
+absorbed decode, the per-head products with W^UK and W^UV stay in the input dtype.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from lab.kernels import flash_attention
+from lab.nn import fp8 as fp8_lib
 from lab.nn import norms, rope
 from lab.nn import param_spec as ps
 
@@ -76,47 +80,53 @@ def _softmax_scale(p: dict) -> float:
   return (p['w_uq'].shape[-1] + p['w_qr'].shape[-1]) ** -0.5
 
 
-def _project(p: dict, x_BTD, positions_BT, rope_theta: float, eps: float):
+def _project(p: dict, x_BTD, positions_BT, rope_theta: float, eps: float, fp8: bool):
   """(q^C_BTNH, q^R_BTNR, c^KV_BTC, k^R_BTR) of V3 eqs. 6-8, 1 and 3 (latents RMS-normed)."""
+  dot = lambda x, w: fp8_lib.linear(x, w, fp8=fp8)
   c_BTQ = x_BTD
   if 'w_dq' in p:
-    c_BTQ = norms.rms_norm(jnp.einsum('BTD,DQ->BTQ', x_BTD, p['w_dq']), p['q_norm'], eps)
-  q_c_BTNH = jnp.einsum('BTQ,QNH->BTNH', c_BTQ, p['w_uq'])
-  q_r_BTNR = rope.apply_rope(jnp.einsum('BTQ,QNR->BTNR', c_BTQ, p['w_qr']), positions_BT,
-                             rope_theta)
-  c_kv_BTC = norms.rms_norm(jnp.einsum('BTD,DC->BTC', x_BTD, p['w_dkv']), p['kv_norm'], eps)
-  k_r_BT1R = rope.apply_rope(jnp.einsum('BTD,DR->BTR', x_BTD, p['w_kr'])[:, :, None],
-                             positions_BT, rope_theta)
+    c_BTQ = norms.rms_norm(dot(x_BTD, p['w_dq']), p['q_norm'], eps)
+  q_c_BTNH = dot(c_BTQ, p['w_uq'])
+  q_r_BTNR = rope.apply_rope(dot(c_BTQ, p['w_qr']), positions_BT, rope_theta)
+  c_kv_BTC = norms.rms_norm(dot(x_BTD, p['w_dkv']), p['kv_norm'], eps)
+  k_r_BT1R = rope.apply_rope(dot(x_BTD, p['w_kr'])[:, :, None], positions_BT, rope_theta)
   return q_c_BTNH, q_r_BTNR, c_kv_BTC, k_r_BT1R[:, :, 0]
 
 
-def _naive(p, x_BTD, positions_BT, rope_theta, causal, segment_ids, backend, eps):
+def _out(p: dict, o_BTNG, fp8: bool):
+  """u_BTD = o W^O over the heads' concatenated outputs (V3 eq. 11)."""
+  B, T, N, G = o_BTNG.shape
+  return fp8_lib.linear(o_BTNG.reshape(B, T, N * G), p['w_o'].reshape(N * G, -1), fp8=fp8)
+
+
+def _naive(p, x_BTD, positions_BT, rope_theta, causal, segment_ids, backend, eps, fp8):
   """(y_BTD, c^KV_BTC, k^R_BTR): per-head keys and values, V3 eqs. 1-11."""
-  q_c_BTNH, q_r_BTNR, c_kv_BTC, k_r_BTR = _project(p, x_BTD, positions_BT, rope_theta, eps)
+  q_c_BTNH, q_r_BTNR, c_kv_BTC, k_r_BTR = _project(p, x_BTD, positions_BT, rope_theta, eps, fp8)
   N = q_c_BTNH.shape[2]
-  k_c_BTNH = jnp.einsum('BTC,CNH->BTNH', c_kv_BTC, p['w_uk'])
-  v_BTNG = jnp.einsum('BTC,CNG->BTNG', c_kv_BTC, p['w_uv'])
+  k_c_BTNH = fp8_lib.linear(c_kv_BTC, p['w_uk'], fp8=fp8)
+  v_BTNG = fp8_lib.linear(c_kv_BTC, p['w_uv'], fp8=fp8)
   k_r_BTNR = jnp.broadcast_to(k_r_BTR[:, :, None], (*k_r_BTR.shape[:2], N, k_r_BTR.shape[-1]))
   q_BTNX = jnp.concatenate([q_c_BTNH, q_r_BTNR], axis=-1)
   k_BTNX = jnp.concatenate([k_c_BTNH, k_r_BTNR], axis=-1)
   o_BTNG = flash_attention(q_BTNX, k_BTNX, v_BTNG, causal=causal, segment_ids=segment_ids,
                            softmax_scale=_softmax_scale(p), backend=backend)
-  return jnp.einsum('BTNG,NGD->BTD', o_BTNG, p['w_o']), c_kv_BTC, k_r_BTR
+  return _out(p, o_BTNG, fp8), c_kv_BTC, k_r_BTR
 
 
 def mla_attention(p: dict, x_BTD: jax.Array, positions_BT: jax.Array, *, rope_theta: float,
                   causal: bool = True, segment_ids=None, backend: str = 'auto',
-                  eps: float = 1e-6) -> jax.Array:
+                  eps: float = 1e-6, fp8: bool = False) -> jax.Array:
   """MLA output u_BTD (V3 eqs. 1-11), naive form for training and prefill.
 
   q_{t,i} = [q^C_{t,i}; q^R_{t,i}] and k_{j,i} = [k^C_{j,i}; k^R_j] have d_h + d_h^R dims, values
-  d_h^v; segment_ids as in `flash_attention`; eps is the latents' RMSNorm epsilon.
+  d_h^v; segment_ids as in `flash_attention`; eps is the latents' RMSNorm epsilon; fp8: the
+  projections in FP8 (module docstring).
   """
-  return _naive(p, x_BTD, positions_BT, rope_theta, causal, segment_ids, backend, eps)[0]
+  return _naive(p, x_BTD, positions_BT, rope_theta, causal, segment_ids, backend, eps, fp8)[0]
 
 
 def mla_prefill(p: dict, x_BTD: jax.Array, max_len: int, *, rope_theta: float,
-                backend: str = 'auto', eps: float = 1e-6):
+                backend: str = 'auto', eps: float = 1e-6, fp8: bool = False):
   """Causal MLA over a prompt at positions 0..T-1 -> (y_BTD, cache) with room for max_len tokens.
 
   cache = {'c_kv': [B, max_len, C], 'k_rope': [B, max_len, R] (after RoPE), 'length': int32}.
@@ -125,7 +135,8 @@ def mla_prefill(p: dict, x_BTD: jax.Array, max_len: int, *, rope_theta: float,
   if max_len < T:
     raise ValueError(f'mla_prefill max_len={max_len}; expected at least the prompt length {T}')
   positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-  y_BTD, c_kv_BTC, k_r_BTR = _naive(p, x_BTD, positions_BT, rope_theta, True, None, backend, eps)
+  y_BTD, c_kv_BTC, k_r_BTR = _naive(p, x_BTD, positions_BT, rope_theta, True, None, backend, eps,
+                                    fp8)
   pad = ((0, 0), (0, max_len - T), (0, 0))
   cache = {'c_kv': jnp.pad(c_kv_BTC, pad), 'k_rope': jnp.pad(k_r_BTR, pad),
            'length': jnp.asarray(T, jnp.int32)}
@@ -133,7 +144,7 @@ def mla_prefill(p: dict, x_BTD: jax.Array, max_len: int, *, rope_theta: float,
 
 
 def mla_decode_step(p: dict, x_B1D: jax.Array, cache: dict, *, rope_theta: float,
-                    backend: str = 'auto', eps: float = 1e-6):
+                    backend: str = 'auto', eps: float = 1e-6, fp8: bool = False):
   """One token per row at position cache['length'] -> (y_B1D, new cache), in the absorbed form
   (V2 §2.1.2): scores (q^C W^UK^T) c^KV + q^R k^R, output (softmax c^KV) W^UV W^O.
 
@@ -145,7 +156,7 @@ def mla_decode_step(p: dict, x_B1D: jax.Array, cache: dict, *, rope_theta: float
   length = cache['length']
   S = cache['c_kv'].shape[1]
   positions_B1 = jnp.full((B, 1), length, jnp.int32)
-  q_c_B1NH, q_r_B1NR, c_kv_B1C, k_r_B1R = _project(p, x_B1D, positions_B1, rope_theta, eps)
+  q_c_B1NH, q_r_B1NR, c_kv_B1C, k_r_B1R = _project(p, x_B1D, positions_B1, rope_theta, eps, fp8)
   update = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
                                                                 length, 1)
   c_kv_BSC, k_r_BSR = update(cache['c_kv'], c_kv_B1C), update(cache['k_rope'], k_r_B1R)
@@ -157,5 +168,5 @@ def mla_decode_step(p: dict, x_B1D: jax.Array, cache: dict, *, rope_theta: float
                            segment_ids=(jnp.ones((B, 1), jnp.int32), kv_seg_BS),
                            softmax_scale=_softmax_scale(p), backend=backend)
   o_B1NG = jnp.einsum('BTNC,CNG->BTNG', o_B1NC, p['w_uv'])
-  y_B1D = jnp.einsum('BTNG,NGD->BTD', o_B1NG, p['w_o'])
+  y_B1D = _out(p, o_B1NG, fp8)
   return y_B1D, {'c_kv': c_kv_BSC, 'k_rope': k_r_BSR, 'length': length + 1}

@@ -36,6 +36,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from lab.nn import fp8 as fp8_lib
 from lab.nn import param_spec as ps
 
 _MLPS = ('gelu', 'swiglu')
@@ -91,15 +92,23 @@ def dispatch_combine(gates_BTK: jax.Array, experts_BTK: jax.Array, n_experts: in
   return dispatch_BTEC, combine_BTEC, mask_KBTE.sum() - kept_KBTE.sum()
 
 
-def expert_ffn(params: dict, x_ECD: jax.Array) -> jax.Array:
+def _expert_dot(x_ECD: jax.Array, w_EDF: jax.Array, fp8: bool) -> jax.Array:
+  """x_ECD w_EDF per expert; in fine-grained FP8 (lab.nn.fp8, one GEMM per expert) when fp8."""
+  if fp8:
+    return jax.vmap(functools.partial(fp8_lib.linear, fp8=True))(x_ECD, w_EDF)
+  return jnp.einsum('ECD,EDF->ECF', x_ECD, w_EDF)
+
+
+def expert_ffn(params: dict, x_ECD: jax.Array, *, fp8: bool = False) -> jax.Array:
   """y_ECD = FFN_e(x_ECD[e]) for each expert e: GELU_tanh(x W_in) W_out, or SwiGLU (Shazeer
-  2020, eq. 6) (SiLU(x W_gate) * x W_up) W_down when params hold w_gate."""
+  2020, eq. 6) (SiLU(x W_gate) * x W_up) W_down when params hold w_gate; every matmul in
+  FP8 (DeepSeek-V3 §3.3) when `fp8`."""
   if 'w_gate' in params:
-    gate_ECF = jax.nn.silu(jnp.einsum('ECD,EDF->ECF', x_ECD, params['w_gate']))
-    h_ECF = gate_ECF * jnp.einsum('ECD,EDF->ECF', x_ECD, params['w_up'])
-    return jnp.einsum('ECF,EFD->ECD', h_ECF, params['w_down'])
-  h_ECF = jax.nn.gelu(jnp.einsum('ECD,EDF->ECF', x_ECD, params['w_in']), approximate=True)
-  return jnp.einsum('ECF,EFD->ECD', h_ECF, params['w_out'])
+    gate_ECF = jax.nn.silu(_expert_dot(x_ECD, params['w_gate'], fp8))
+    h_ECF = gate_ECF * _expert_dot(x_ECD, params['w_up'], fp8)
+    return _expert_dot(h_ECF, params['w_down'], fp8)
+  h_ECF = jax.nn.gelu(_expert_dot(x_ECD, params['w_in'], fp8), approximate=True)
+  return _expert_dot(h_ECF, params['w_out'], fp8)
 
 
 def routing_stats(probs_BTE: jax.Array, experts_BTK: jax.Array):
@@ -124,13 +133,15 @@ def n_experts(params: dict) -> int:
 
 
 def experts_dense(params: dict, x_BTD: jax.Array, gates_BTK: jax.Array,
-                  experts_BTK: jax.Array) -> jax.Array:
+                  experts_BTK: jax.Array, *, fp8: bool = False) -> jax.Array:
   """y_BTD = sum_k gates_BTK FFN_{experts_BTK}(x_BTD) with no capacity (the reference), for any
   routing; runs all E experts on all tokens and keeps the chosen: E/K times a routed layer's FLOPs.
+  fp8: the expert matmuls in FP8 (`expert_ffn`).
   """
   B, T, D = x_BTD.shape
   E = n_experts(params)
-  y_ECD = expert_ffn(params, jnp.broadcast_to(x_BTD.reshape(1, B * T, D), (E, B * T, D)))
+  y_ECD = expert_ffn(params, jnp.broadcast_to(x_BTD.reshape(1, B * T, D), (E, B * T, D)),
+                     fp8=fp8)
   weights_BTE = jnp.einsum('BTKE,BTK->BTE', jax.nn.one_hot(experts_BTK, E), gates_BTK)
   y_BTD = jnp.einsum('BTE,EBTD->BTD', weights_BTE, y_ECD.reshape(E, B, T, D))
   return y_BTD.astype(x_BTD.dtype)
