@@ -16,9 +16,7 @@ samples of the true distribution; a scatter plot goes to the workdir.
 import ml_collections
 
 from lab.config import parse_variant
-
-DEFAULT_SAMPLER = {'ddpm': ('ancestral', 1000), 'vp': ('ode', 100), 've': ('pc', 500),
-                   'edm': ('heun', 18), 'flow': ('euler', 50)}
+from lab.objectives.diffusion import DEFAULT_SAMPLER, default_args
 
 
 def get_config(arg=None):
@@ -33,11 +31,8 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.objective = 'diffusion'
-  c.objective_args = dict(kind=method, prediction=variant.get('pred', 'eps'), num_steps=1000,
-                          beta_schedule='linear', beta_min=0.1, beta_max=20.0, t_eps=1e-3,
-                          sigma_min=0.002 if method == 'edm' else 0.01,
-                          sigma_max=80.0 if method == 'edm' else 10.0, sigma_data=1.0,
-                          p_mean=-1.2, p_std=1.2, label_dropout=0.0)
+  c.objective_args = default_args(method, variant.get('pred', 'eps'), ve_sigma_max=10.0,
+                                  sigma_data=1.0, label_dropout=0.0)
   c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1, seq=1)
   c.sharding_rules = {}
   c.data = dict(name='toy2d', distribution=variant.get('dist', 'gmm'), eval_batches=4)

@@ -28,6 +28,24 @@ from lab.sampling import diffusion_samplers
 from lab.train.task import Task
 
 
+# The sampler (and its step count) each method's experiments use unless told otherwise.
+DEFAULT_SAMPLER = {'ddpm': ('ancestral', 1000), 'vp': ('ode', 100), 've': ('pc', 500),
+                   'edm': ('heun', 18), 'flow': ('euler', 50)}
+
+
+def default_args(kind: str, prediction: str, *, ve_sigma_max: float, sigma_data: float,
+                 label_dropout: float) -> dict:
+  """config.objective_args with each paper's constants: Ho et al.'s 1000 linear steps, Song et
+  al.'s VP beta range, EDM's sigma range and log-normal training noise (P_mean -1.2, P_std 1.2)."""
+  if kind not in DEFAULT_SAMPLER:
+    raise ValueError(f'diffusion method={kind!r}; expected one of {sorted(DEFAULT_SAMPLER)}')
+  return dict(kind=kind, prediction=prediction, num_steps=1000, beta_schedule='linear',
+              beta_min=0.1, beta_max=20.0, t_eps=1e-3,
+              sigma_min=0.002 if kind == 'edm' else 0.01,
+              sigma_max=80.0 if kind == 'edm' else ve_sigma_max, sigma_data=sigma_data,
+              p_mean=-1.2, p_std=1.2, label_dropout=label_dropout)
+
+
 def data_key(batch: dict) -> str:
   """'image' for image batches, 'x' for vectors."""
   return 'image' if 'image' in batch else 'x'
