@@ -131,7 +131,7 @@ def lab_runners(config, task, x_BXYC: np.ndarray):
 
   def sample(n: int):
     for i in range(n):
-      task.sample(params, jax.random.key(i))   # returns host arrays: the draw has finished
+      task.sample(params, {}, jax.random.key(i))   # returns host arrays: the draw has finished
 
   return train, sample, jax.device_get(params)
 

@@ -115,8 +115,9 @@ def make_task(config, data) -> Task:
   reference = (jnp.concatenate([b['x'] for b in data.eval_batches])
                if data.eval_batches and 'x' in data.eval_batches[0] else None)
 
-  def sample(params, rng):
+  def sample(params, state, rng):
     """Samples (a PNG) and, for vectors, the sliced Wasserstein distance to held-out data."""
+    del state  # denoisers have no model state
     samples = draw(params, rng)
     out = {s.sampler: jax.device_get(samples)}
     if reference is not None:

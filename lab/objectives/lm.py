@@ -72,7 +72,8 @@ def make_task(config, data) -> Task:
   generate = jax.jit(functools.partial(decode.generate, model, cfg, num_new=s.length,
                                        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p))
 
-  def sample(params, rng):
+  def sample(params, state, rng):
+    del state  # the GPT has no model state
     prompt_BT = jnp.asarray(prompt_ids, jnp.int32)[None].repeat(s.num, axis=0)
     tokens_BT = jax.device_get(generate(params, prompt_BT, rng=rng))
     return {f'sample_{i}': data.decode(row) for i, row in enumerate(tokens_BT)}

@@ -121,8 +121,8 @@ def make_task(config, data) -> Task:
                                        num_new=s.length, tree=tree))
   prompt_ids = data.encode(s.prompt) if data.encode and s.prompt else None
 
-  def sample(params, rng):
-    del rng  # greedy
+  def sample(params, state, rng):
+    del state, rng  # greedy; a frozen backbone is the closure's
     net = backbone if frozen else params['backbone']
     prompt_BT = jnp.asarray(prompt_ids, jnp.int32)[None].repeat(s.num, axis=0)
     tokens_BT, stats = jax.device_get(generate(net, params['heads'], prompt_BT))

@@ -144,7 +144,8 @@ def _run(config, task, state, run: Setup, eval_batches, train_iter, ckpt, workdi
     if task.sample is None:
       return
     params = state.ema_params if state.ema_params is not None else state.params
-    outputs = task.sample(params, step.step_key(state.rng, at, _SAMPLE_KEY))
+    outputs = task.sample(params, state.model_state,
+                          step.step_key(state.rng, at, _SAMPLE_KEY))
     if not primary:
       return
     for name, value in outputs.items():

@@ -1,8 +1,9 @@
 """The train and eval steps, built once per run from config.train and the task.
 
 One step: per-step key = fold_in(root, step); gradients over `grad_accum` micro-batches (scanned,
-summed, averaged); the loss is scaled for float16; the update (AdamW, clipping) is applied only
-when every gradient is finite, otherwise params, optimizer and model state stay as they were.
+summed, averaged); the loss is scaled for float16; the update (AdamW, clipping) and then the
+task's after_step hook (on the new params) are applied only when every gradient is finite,
+otherwise params, optimizer and model state stay as they were.
 """
 from __future__ import annotations
 
@@ -69,6 +70,8 @@ def make_train_step(train_cfg, task, optimizer):
     new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     params = keep(new_params, state.params)
+    if task.after_step is not None:
+      new_model_state = task.after_step(params, new_model_state, state.step + 1)
     ema = state.ema_params
     if ema is not None:
       d = train_cfg.ema_decay

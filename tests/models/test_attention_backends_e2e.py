@@ -31,7 +31,8 @@ def train_three_steps(variant: str, backend: str):
     losses.append(float(metrics['loss']))
   eval_metrics = loop.evaluate(jax.jit(step.make_eval_step(config.train, task)), state,
                                data.eval_batches)
-  return losses, eval_metrics['eval_loss'], task.sample(state.params, jax.random.PRNGKey(0))
+  samples = task.sample(state.params, state.model_state, jax.random.PRNGKey(0))
+  return losses, eval_metrics['eval_loss'], samples
 
 
 @pytest.mark.slow

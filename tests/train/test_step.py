@@ -124,6 +124,35 @@ def test_ema_tracks_params():
   np.testing.assert_allclose(state.ema_params['w'], expected, rtol=1e-6)
 
 
+def test_after_step_sees_the_updated_params_once_per_step_and_only_when_finite():
+  """A momentum target xi <- 0.5 xi + 0.5 theta_new (BYOL's order: after the update), with the
+  step number it is given; a non-finite step leaves it (and the params) as they were."""
+  base = _linear_task(nan_at=1)
+
+  def after_step(params, state, step):
+    return {'target': 0.5 * state['target'] + 0.5 * params['w'], 'step': step}
+
+  task = Task(param_specs=base.param_specs, loss_fn=base.loss_fn, after_step=after_step,
+              init_state=lambda key: {'target': jnp.zeros(4), 'step': jnp.asarray(0, jnp.int32)})
+  batches = _batches(3)
+  batches[1] = dict(batches[1], nan=np.ones(8, bool))
+  config = _config(nonfinite='skip', grad_accum=2)
+  optimizer = optimizers.make(config.train)
+  state = loop.init_state(config, task, optimizer)
+  train_step = jax.jit(step.make_train_step(config.train, task, optimizer))
+  want = np.zeros(4)
+  for i, batch in enumerate(batches):
+    before = state
+    state, metrics = train_step(state, batch)
+    if i == 1:
+      assert int(metrics['skipped']) == 1
+      np.testing.assert_array_equal(state.model_state['target'], before.model_state['target'])
+      continue
+    want = 0.5 * want + 0.5 * np.asarray(state.params['w'])
+    np.testing.assert_allclose(state.model_state['target'], want, rtol=1e-6)
+    assert int(state.model_state['step']) == i + 1   # once per step, though grad_accum = 2
+
+
 def test_sgd_step_matches_adamw_formula():
   """One AdamW step from zero moments moves each weight by -lr * g / (|g| + eps)."""
   batches = _batches(1)
