@@ -47,8 +47,10 @@ def get_config(arg=None):
                  schedule='cosine', decay_steps=0, wsd_decay_fraction=0.2, b1=0.9, b2=0.95,
                  eps=1e-8, weight_decay=0.1, clip_norm=1.0, ema_decay=0.0,
                  compute_dtype='float32', loss_scale_init=2.0**15, loss_scale_period=2000,
-                 nonfinite='stop', log_every=25, eval_every=200, sample_every=0,
+                 nonfinite='stop', log_every=25, eval_every=200, sample_every=200,
                  checkpoint_every=200, keep_checkpoints=2)
+
+  c.sample = dict(num=2, length=56, prompt='\n', temperature=0.8, top_k=0, top_p=0.95)
 
   if 'tiny' in variant:
     c.data.update(block_size=32, eval_batches=2)
@@ -56,7 +58,8 @@ def get_config(arg=None):
                    qk_nope_dim=8, qk_rope_dim=4, v_head_dim=8, d_ff=64, d_ff_expert=16,
                    n_routed_experts=8, top_k=2, n_groups=2, top_k_groups=1, max_len=32)
     c.train.update(steps=20, batch_size=8, warmup_steps=2, log_every=1, eval_every=10,
-                   checkpoint_every=10)
+                   sample_every=0, checkpoint_every=10)
+    c.sample.update(num=1, length=16)
   if 'auxloss' in variant:
     c.model.update(bias_update_speed=0.0, balance_alpha=0.01)
   if 'nomtp' in variant:

@@ -47,4 +47,5 @@ def get_config(arg=None):
                  compute_dtype='bfloat16', loss_scale_init=2.0**15, loss_scale_period=2000,
                  nonfinite='stop', log_every=10, eval_every=1000, sample_every=0,
                  checkpoint_every=1000, keep_checkpoints=2)
+  c.sample = dict(num=0, length=64, prompt='', temperature=1.0, top_k=0, top_p=1.0)
   return c

@@ -201,20 +201,25 @@ def test_mtp_logits_and_loss_match_recomputation():
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+SAMPLE_OFF = dict(num=0, length=1, prompt='', temperature=1.0, top_k=0, top_p=1.0)
+
+
 def tiny_task(cfg):
-  config = ml_collections.ConfigDict({'model': dict(cfg), 'data': {'block_size': T}})
+  config = ml_collections.ConfigDict({'model': dict(cfg), 'data': {'block_size': T},
+                                      'sample': SAMPLE_OFF})
   lm_deepseek.validate(config)
   return lm_deepseek.make_task(ml_collections.FrozenConfigDict(config), None)
 
 
 def test_objective_total_bias_update_and_no_bias_gradient():
-  """loss = CE + L_MTP + alpha sum_layers L_Bal / alpha; the new bias is b + gamma sign(mean -
-  load) per layer from this batch's loads; the loss does not move with b (its tangent along a
-  random direction is exactly 0, so the gradient is 0)."""
+  """loss = CE + L_MTP + alpha sum_layers L_Bal / alpha; the loss records this batch's loads and
+  leaves the bias alone; after_step moves it by gamma sign(mean - load) per layer; the loss does
+  not move with b (its tangent along a random direction is exactly 0, so the gradient is 0)."""
   cfg = CFG
   task = tiny_task(cfg)
-  params, state = make_params(cfg, seed=7), deepseek.init_state(cfg)
-  state['blocks'] = 0.05 * jax.random.normal(jax.random.PRNGKey(8), (2, 8))
+  params, state = make_params(cfg, seed=7), lm_deepseek.init_state(cfg)
+  state['bias']['blocks'] = 0.05 * jax.random.normal(jax.random.PRNGKey(8), (2, 8))
+  bias = state['bias']
   batch = {'tokens': draw_tokens(3, (B, T + 1))}
   direction = jax.tree.map(lambda b: jax.random.normal(jax.random.PRNGKey(9), b.shape), state)
 
@@ -227,20 +232,54 @@ def test_objective_total_bias_update_and_no_bias_gradient():
   (loss, (metrics, new_state)), tangent = loss_and_bias_tangent(params, state)
   assert tangent == 0.0
 
-  _, aux = forward_with_aux(cfg, params, state, batch['tokens'][:, :-1])
-  logits, mtp_aux = mtp_logits(cfg, params, state, aux['hidden_BTD'], batch['tokens'][:, 1:])
+  _, aux = forward_with_aux(cfg, params, bias, batch['tokens'][:, :-1])
+  logits, mtp_aux = mtp_logits(cfg, params, bias, aux['hidden_BTD'], batch['tokens'][:, 1:])
   balance = aux['moe']['load_balance_loss'].sum() + mtp_aux['load_balance_loss'].sum()
   np.testing.assert_allclose(loss, metrics['loss'] + metrics['mtp_loss'] + 0.1 * balance,
                              rtol=1e-6)
   np.testing.assert_allclose(metrics['mtp_loss'],
                              lm_deepseek.mtp_loss(logits, batch['tokens'][:, 1:], 0.3), rtol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, new_state['bias'], bias)
+  stepped = task.after_step(params, new_state, 1)
   for name, load_LE in (('blocks', aux['moe']['load_E']), ('mtp', mtp_aux['load_E'])):
+    np.testing.assert_array_equal(new_state['load'][name], load_LE)
+    np.testing.assert_array_equal(stepped['load'][name], 0.0)
     load_LE = np.asarray(load_LE, np.float64)
     over = load_LE > load_LE.mean(-1, keepdims=True)
     under = load_LE < load_LE.mean(-1, keepdims=True)
     assert over.any() and under.any()
-    step_LE = np.asarray(new_state[name]) - np.asarray(state[name])
+    step_LE = np.asarray(stepped['bias'][name]) - np.asarray(bias[name])
     np.testing.assert_allclose(step_LE, 0.01 * (under.astype(float) - over), atol=1e-7)
+
+
+def test_bias_moves_once_per_step_from_the_summed_micro_batch_loads():
+  """With train.grad_accum = 2 the bias moves by exactly +-gamma (or 0) per step, in the
+  direction of the two micro-batches' summed loads, and every micro-batch routes with the
+  step's starting bias."""
+  from lab.train import loop, optimizers, step
+  cfg = CFG
+  task = tiny_task(cfg)
+  config = config_lib.load(str(REPO_ROOT / 'experiments/deepseek_tiny.py') + ':tiny')
+  config.model.update(dict(cfg))
+  config.train.update(grad_accum=2, batch_size=2 * B)
+  config = ml_collections.FrozenConfigDict(config)
+  optimizer = optimizers.make(config.train)
+  state = loop.init_state(config, task, optimizer)
+  tokens = draw_tokens(11, (2 * B, T + 1))
+  new_state, _ = jax.jit(step.make_train_step(config.train, task, optimizer))(
+      state, {'tokens': tokens})
+  bias = state.model_state['bias']
+  load = {'blocks': 0.0, 'mtp': 0.0}
+  for half in (tokens[:B], tokens[B:]):
+    _, aux = forward_with_aux(cfg, state.params, bias, half[:, :-1])
+    _, mtp_aux = mtp_logits(cfg, state.params, bias, aux['hidden_BTD'], half[:, 1:])
+    load = {'blocks': load['blocks'] + np.asarray(aux['moe']['load_E'], np.float64),
+            'mtp': load['mtp'] + np.asarray(mtp_aux['load_E'], np.float64)}
+  for name, load_LE in load.items():
+    want = 0.01 * np.sign(load_LE.mean(-1, keepdims=True) - load_LE)
+    np.testing.assert_allclose(new_state.model_state['bias'][name] - bias[name], want,
+                               atol=1e-7)
+    np.testing.assert_array_equal(new_state.model_state['load'][name], 0.0)
 
 
 def test_bias_updates_balance_a_skewed_router():
@@ -306,4 +345,4 @@ def test_tiny_experiment_trains(tmp_path):
   losses = [r['loss'] for r in records]
   assert np.isfinite(losses).all() and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5, losses
   assert {'mtp_loss', 'moe_max_vio', 'moe_balance_loss'} <= set(records[-1])
-  assert np.abs(np.asarray(state.model_state['blocks'])).max() > 0
+  assert np.abs(np.asarray(state.model_state['bias']['blocks'])).max() > 0
