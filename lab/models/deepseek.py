@@ -243,6 +243,16 @@ def _train_attend(cfg, positions_BT):
   return attend
 
 
+def main_model(cfg, params, state, tokens_BT, attend, caches, dispatch: str):
+  """Embedding, the blocks, the final norm and head -> (logits_BTV, h^0_BTD, caches, MoE aux);
+  h^0 is the last block's output before the final norm (the MTP input, eq. 21).
+  `attend(p_attn, h_BTD, layer_cache) -> (y_BTD, layer cache)` decides where keys and values
+  come from (training, prefill, decode steps, speculative blocks)."""
+  h_BTD, caches, aux = _run_blocks(cfg, params, state, _embed(params, tokens_BT), attend, caches,
+                                   dispatch)
+  return _logits(cfg, params, params['final_norm'], h_BTD), h_BTD, caches, aux
+
+
 # ---------------------------------------------------------------- training forward
 
 
@@ -257,9 +267,9 @@ def forward_with_aux(cfg, params, state, tokens_BT: jax.Array, *, rng=None, trai
   if T > cfg.max_len:
     raise ValueError(f'sequence length {T} exceeds model.max_len={cfg.max_len}')
   positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-  h_BTD, _, aux = _run_blocks(cfg, params, state, _embed(params, tokens_BT),
-                              _train_attend(cfg, positions_BT), None, cfg.moe_dispatch)
-  return _logits(cfg, params, params['final_norm'], h_BTD), {'moe': aux, 'hidden_BTD': h_BTD}
+  logits_BTV, h_BTD, _, aux = main_model(cfg, params, state, tokens_BT,
+                                         _train_attend(cfg, positions_BT), None, cfg.moe_dispatch)
+  return logits_BTV, {'moe': aux, 'hidden_BTD': h_BTD}
 
 
 def forward(cfg, params, state, tokens_BT: jax.Array) -> jax.Array:
@@ -284,18 +294,28 @@ def mtp_logits(cfg, params, state, hidden_BTD: jax.Array, next_tokens_BT: jax.Ar
                      f'expected 1 <= mtp_depth <= {T}')
   h_BTD, logits, auxes = hidden_BTD, [], []
   for k in range(cfg.mtp_depth):
-    p = jax.tree.map(lambda a: a[k], params['mtp'])
     S = T - k
-    h_BSD = norms.rms_norm(h_BTD[:, :S], p['h_norm'], cfg.norm_eps)
-    e_BSD = norms.rms_norm(_embed(params, next_tokens_BT[:, k:]), p['e_norm'], cfg.norm_eps)
-    x_BSD = fp8_lib.linear(jnp.concatenate([h_BSD, e_BSD], -1), p['proj'], fp8=cfg.fp8)
-    positions_BS = jnp.broadcast_to(jnp.arange(S), (B, S))
-    h_BTD, (_, aux) = _block(cfg, p['block'], state['mtp'][k], x_BSD,
-                             lambda pa, h: _train_attend(cfg, positions_BS)(pa, h, None),
-                             cfg.moe_dispatch)
-    logits.append(_logits(cfg, params, p['out_norm'], h_BTD))
+    attend = _train_attend(cfg, jnp.broadcast_to(jnp.arange(S), (B, S)))
+    logits_BSV, h_BTD, (_, aux) = mtp_module(cfg, params, state, k, h_BTD[:, :S],
+                                             next_tokens_BT[:, k:], attend, cfg.moe_dispatch)
+    logits.append(logits_BSV)
     auxes.append(aux)
   return tuple(logits), jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+
+
+def mtp_module(cfg, params, state, k: int, h_BSD: jax.Array, tokens_BS: jax.Array, attend,
+               dispatch: str):
+  """MTP module k+1 (0-based k) on S positions -> (logits_BSV, h^{k+1}_BSD, (cache, routing
+  aux)): eqs. 21-23 with h_BSD = h^k and tokens_BS the tokens k+1 ahead of each position.
+  `attend(p_attn, h_BSD, None) -> (y_BSD, cache)` decides where keys and values come from
+  (causal over the S positions in training; a cache in speculative decoding)."""
+  p = jax.tree.map(lambda a: a[k], params['mtp'])
+  h_BSD = norms.rms_norm(h_BSD, p['h_norm'], cfg.norm_eps)
+  e_BSD = norms.rms_norm(_embed(params, tokens_BS), p['e_norm'], cfg.norm_eps)
+  x_BSD = fp8_lib.linear(jnp.concatenate([h_BSD, e_BSD], -1), p['proj'], fp8=cfg.fp8)
+  h_BSD, cache_aux = _block(cfg, p['block'], state['mtp'][k], x_BSD,
+                            lambda pa, h: attend(pa, h, None), dispatch)
+  return _logits(cfg, params, p['out_norm'], h_BSD), h_BSD, cache_aux
 
 
 # ---------------------------------------------------------------- decoding
@@ -317,10 +337,8 @@ def prefill(cfg, params, state, tokens_BT: jax.Array, max_len: int):
                                    backend=cfg.attention_backend, eps=cfg.norm_eps, fp8=cfg.fp8)
     return y_BTD, {'c_kv': cache['c_kv'], 'k_rope': cache['k_rope']}
 
-  h_BTD, caches, _ = _run_blocks(cfg, params, state, _embed(params, tokens_BT), attend, None,
-                                 'dense')
-  return (_logits(cfg, params, params['final_norm'], h_BTD),
-          {'layers': caches, 'length': jnp.asarray(T, jnp.int32)})
+  logits_BTV, _, caches, _ = main_model(cfg, params, state, tokens_BT, attend, None, 'dense')
+  return logits_BTV, {'layers': caches, 'length': jnp.asarray(T, jnp.int32)}
 
 
 def decode_step(cfg, params, state, tokens_B1: jax.Array, cache: dict):
@@ -334,10 +352,9 @@ def decode_step(cfg, params, state, tokens_B1: jax.Array, cache: dict):
                                      eps=cfg.norm_eps, fp8=cfg.fp8)
     return y_B1D, {'c_kv': new['c_kv'], 'k_rope': new['k_rope']}
 
-  h_B1D, caches, _ = _run_blocks(cfg, params, state, _embed(params, tokens_B1), attend,
-                                 cache['layers'], 'dense')
-  return (_logits(cfg, params, params['final_norm'], h_B1D),
-          {'layers': caches, 'length': length + 1})
+  logits_B1V, _, caches, _ = main_model(cfg, params, state, tokens_B1, attend, cache['layers'],
+                                        'dense')
+  return logits_B1V, {'layers': caches, 'length': length + 1}
 
 
 class _WithState:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from lab.config import ConfigError
 from lab.kernels import available_backends, flash_attention
-from lab.nn import attention, mlp, moe, norms, rope
+from lab.nn import attention, cached_attention, mlp, moe, norms, rope
 from lab.nn import param_spec as ps
 from lab.nn.dropout import dropout
 from lab.parallel import expert_dispatch
@@ -298,30 +298,6 @@ def init_cache(cfg, batch: int, size: int, dtype=jnp.float32) -> dict:
           'length': jnp.asarray(0, jnp.int32)}
 
 
-def _merge_attention(o1_BTNG, lse1_BTN, o2_BTNG, lse2_BTN):
-  """Softmax attention over the union of two disjoint key sets from each set's normalised output
-  and row log-sum-exp (the rescaling flash attention does between key blocks, Dao et al. 2022,
-  Alg. 1 line 12): o = sum_i exp(lse_i - lse) o_i with lse = log(exp(lse_1) + exp(lse_2))."""
-  lse_BTN = jnp.logaddexp(lse1_BTN, lse2_BTN)
-  w1_BTN1 = jnp.exp(lse1_BTN - lse_BTN)[..., None]
-  w2_BTN1 = jnp.exp(lse2_BTN - lse_BTN)[..., None]
-  o_BTNG = w1_BTN1 * o1_BTNG.astype(jnp.float32) + w2_BTN1 * o2_BTNG.astype(jnp.float32)
-  return o_BTNG.astype(o1_BTNG.dtype)
-
-
-def _masked_block_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTT, backend: str):
-  """(o_BTNH, lse_BTN) of T queries over the block's own T keys under an arbitrary boolean mask:
-  each query becomes its own batch row whose kv segment ids are its mask row (1 = visible)."""
-  B, T, N, H = q_BTNH.shape
-  rows = lambda x_BTKX: jnp.broadcast_to(x_BTKX[:, None], (B, T, *x_BTKX.shape[1:])).reshape(
-      B * T, *x_BTKX.shape[1:])
-  q_seg = jnp.ones((B * T, 1), jnp.int32)
-  kv_seg = mask_BTT.reshape(B * T, T).astype(jnp.int32)
-  o, lse = flash_attention(q_BTNH.reshape(B * T, 1, N, H), rows(k_BTKH), rows(v_BTKH),
-                           segment_ids=(q_seg, kv_seg), backend=backend, return_lse=True)
-  return o.reshape(B, T, N, v_BTKH.shape[3]), lse.reshape(B, T, N)
-
-
 def extend(cfg, params, tokens_BT: jax.Array, positions_BT: jax.Array, mask_BTT, cache: dict):
   """Runs T new tokens after the cache's `length` filled entries -> (logits_BTV, h_BTD, cache).
 
@@ -330,40 +306,20 @@ def extend(cfg, params, tokens_BT: jax.Array, positions_BT: jax.Array, mask_BTT,
   causal chain (chunked prefill); a tree of candidates passes its ancestor mask and positions
   length + depth (Medusa, Cai et al. 2024, sec. 2.1.2 "tree attention"). h_BTD is the
   final-normed hidden state. The new keys and values are written at length..length+T-1 and
-  `length` is left as it was: compact_cache keeps the accepted ones.
-
-  A tree mask is not a causal or segment mask over the whole key range, so each layer runs two
-  flash_attention calls and merges them by their log-sum-exps: the cached prefix (kv segment
-  ids), and the new block (causal, or for a given mask every query as its own batch row whose kv
-  segment ids are its mask row: T copies of the block's keys, T^2 K H elements, small for the
-  trees of speculative decoding). The caller keeps length + T <= the cache size (the write would
-  be clamped otherwise) and positions < model.max_len; both are traced, so not checked here.
+  `length` is left as it was: compact_cache keeps the accepted ones. Each layer attends through
+  lab.nn.cached_attention.extend_attention (the cached prefix and the new block, merged by their
+  log-sum-exps). The caller keeps length + T <= the cache size (the write would be clamped
+  otherwise) and positions < model.max_len; both are traced, so not checked here.
   """
   B, T = tokens_BT.shape
-  S = cache['k'].shape[2]
   if positions_BT.shape != (B, T):
     raise ValueError(f'positions_BT shape {positions_BT.shape}; expected {(B, T)}')
-  if mask_BTT is not None and mask_BTT.shape != (B, T, T):
-    raise ValueError(f'mask_BTT shape {mask_BTT.shape}; expected {(B, T, T)}')
-  if T > S:
-    raise ValueError(f'{T} new tokens do not fit a cache of {S} entries')
   length = cache['length']
-  q_seg_BT = jnp.ones((B, T), jnp.int32)
-  kv_seg_BS = jnp.broadcast_to((jnp.arange(S) < length).astype(jnp.int32), (B, S))
 
   def attend(q, k, v, layer_cache):
-    k_cache, v_cache = layer_cache
-    o_old, lse_old = flash_attention(q, k_cache, v_cache, segment_ids=(q_seg_BT, kv_seg_BS),
-                                     backend=cfg.attention_backend, return_lse=True)
-    k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
-    if mask_BTT is None:
-      o_new, lse_new = flash_attention(q, k, v, causal=True, backend=cfg.attention_backend,
-                                       return_lse=True)
-    else:
-      o_new, lse_new = _masked_block_attention(q, k, v, mask_BTT, cfg.attention_backend)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, length, 1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, length, 1)
-    return _merge_attention(o_old, lse_old, o_new, lse_new), (k_cache, v_cache)
+    o, k_cache, v_cache = cached_attention.extend_attention(
+        q, k, v, *layer_cache, length, mask_BTT, backend=cfg.attention_backend)
+    return o, (k_cache, v_cache)
 
   x_BTD = _embed(cfg, params, tokens_BT, positions_BT)
   x_BTD, ((k_LBSKH, v_LBSKH), _) = _run_blocks(cfg, params, x_BTD, positions_BT, None, attend,
@@ -377,10 +333,5 @@ def compact_cache(cache: dict, index_BA: jax.Array, count) -> dict:
   length advances by count (<= A), as Medusa keeps the accepted path's keys and values. The
   caller keeps length + A <= the cache size."""
   length = cache['length']
-  src_1BA11 = (length + index_BA)[None, :, :, None, None]
-
-  def move(x_LBSKH):
-    kept_LBAKH = jnp.take_along_axis(x_LBSKH, src_1BA11, axis=2)
-    return jax.lax.dynamic_update_slice_in_dim(x_LBSKH, kept_LBAKH, length, 2)
-
-  return {'k': move(cache['k']), 'v': move(cache['v']), 'length': length + count}
+  return {'k': cached_attention.compact(cache['k'], length, index_BA),
+          'v': cached_attention.compact(cache['v'], length, index_BA), 'length': length + count}

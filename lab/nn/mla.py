@@ -15,7 +15,9 @@ Two equivalent ways to attend:
   absorbed  (decode, V2 §2.1.2) W^UK is folded into the query and W^UV applied after attention:
             score = (q^C W^UK^T) c^KV + q^R k^R, o = (softmax c^KV) W^UV. This is attention with
             one shared key [c^KV; k^R] (dim C+R) and one shared value c^KV (dim C), so cached
-            tokens are never expanded into per-head keys or values.
+            tokens are never expanded into per-head keys or values. `mla_decode_step` appends
+            one token; `mla_extend` a block of tokens under any mask among them (speculative
+            verification, lab.nn.cached_attention).
 `fp8=True` runs the projections W^DQ, W^UQ, W^QR, W^DKV, W^KR, W^UK, W^UV and W^O through
 DeepSeek-V3's fine-grained FP8 GEMMs (lab.nn.fp8, §3.3); the attention core and, in the
 absorbed decode, the per-head products with W^UK and W^UV stay in the input dtype.
@@ -26,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from lab.kernels import flash_attention
+from lab.nn import cached_attention, norms, rope
 from lab.nn import fp8 as fp8_lib
-from lab.nn import norms, rope
 from lab.nn import param_spec as ps
 
 
@@ -160,7 +162,7 @@ def mla_decode_step(p: dict, x_B1D: jax.Array, cache: dict, *, rope_theta: float
   update = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
                                                                 length, 1)
   c_kv_BSC, k_r_BSR = update(cache['c_kv'], c_kv_B1C), update(cache['k_rope'], k_r_B1R)
-  q_B1NX = jnp.concatenate([jnp.einsum('BTNH,CNH->BTNC', q_c_B1NH, p['w_uk']), q_r_B1NR], axis=-1)
+  q_B1NX = _absorbed_query(p, q_c_B1NH, q_r_B1NR)
   k_BS1X = jnp.concatenate([c_kv_BSC, k_r_BSR], axis=-1)[:, :, None]
   # Keys 0..length are filled (segment 1); the rest of the buffer is empty (segment 0).
   kv_seg_BS = jnp.broadcast_to((jnp.arange(S) <= length).astype(jnp.int32), (B, S))
@@ -170,3 +172,30 @@ def mla_decode_step(p: dict, x_B1D: jax.Array, cache: dict, *, rope_theta: float
   o_B1NG = jnp.einsum('BTNC,CNG->BTNG', o_B1NC, p['w_uv'])
   y_B1D = _out(p, o_B1NG, fp8)
   return y_B1D, {'c_kv': c_kv_BSC, 'k_rope': k_r_BSR, 'length': length + 1}
+
+
+def _absorbed_query(p: dict, q_c_BTNH, q_r_BTNR):
+  """[q^C W^UK^T; q^R]: the query of the absorbed form, N heads of dim C + R."""
+  return jnp.concatenate([jnp.einsum('BTNH,CNH->BTNC', q_c_BTNH, p['w_uk']), q_r_BTNR], axis=-1)
+
+
+def mla_extend(p: dict, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTT, cache: dict, *,
+               rope_theta: float, backend: str = 'auto', eps: float = 1e-6, fp8: bool = False):
+  """T new tokens after the cache's `length` entries, absorbed form -> (y_BTD, cache).
+
+  Each new token attends to the cached tokens 0..length-1 and, among the new ones, as mask_BTT
+  allows (None: causal); its c^KV and k^R are written at length..length+T-1 and the length is
+  left as it was (lab.nn.cached_attention.extend_attention; compact keeps the accepted ones).
+  cache = {'c_kv': [B, S, C], 'k_rope': [B, S, R], 'length': int32} as mla_prefill makes it.
+  """
+  C = cache['c_kv'].shape[-1]
+  q_c_BTNH, q_r_BTNR, c_kv_BTC, k_r_BTR = _project(p, x_BTD, positions_BT, rope_theta, eps, fp8)
+  k_cache_BS1X = jnp.concatenate([cache['c_kv'], cache['k_rope']], axis=-1)[:, :, None]
+  q_BTNX = _absorbed_query(p, q_c_BTNH, q_r_BTNR).astype(k_cache_BS1X.dtype)
+  o_BTNC, k_cache_BS1X, v_cache_BS1C = cached_attention.extend_attention(
+      q_BTNX, jnp.concatenate([c_kv_BTC, k_r_BTR], axis=-1)[:, :, None], c_kv_BTC[:, :, None],
+      k_cache_BS1X, cache['c_kv'][:, :, None], cache['length'], mask_BTT, backend=backend,
+      softmax_scale=_softmax_scale(p))
+  y_BTD = _out(p, jnp.einsum('BTNC,CNG->BTNG', o_BTNC, p['w_uv']), fp8)
+  return y_BTD, {'c_kv': v_cache_BS1C[:, :, 0], 'k_rope': k_cache_BS1X[:, :, 0, C:],
+                 'length': cache['length']}

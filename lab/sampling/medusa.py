@@ -18,8 +18,9 @@ is the argmax of its parent's distribution (greedy) or passes typical acceptance
 the longest accepted root-to-leaf prefix is kept (ties: highest likelihood), its keys and values
 are compacted into place in the cache, and the next root is chosen from the last kept node.
 
-The base model and the draft come in as functions (`Decoder`, `draft`), so another model (e.g.
-DeepSeek with its MTP modules as the draft) can use the same loop. Rows of a batch advance in
+The base model and the draft come in as small interfaces (`Decoder`, `Draft`), so another
+model uses the same loop: DeepSeek-V3 with its MTP modules as the draft
+(lab.models.deepseek_speculative, lab.sampling.mtp_draft). Rows of a batch advance in
 lockstep by the shortest accepted length among them (every row's kept tokens are still
 verified), since the cache has one length.
 
@@ -184,20 +185,47 @@ def transformer_lm_head(cfg, params) -> jax.Array:
   return params['embed']['tokens'].T if cfg.tie_embeddings else params['head']
 
 
-def medusa_draft(heads: dict, h_BD: jax.Array, root_B: jax.Array) -> jax.Array:
-  """A draft: logits_BMV for the M tokens after the root, from the last kept hidden state. (A
-  draft such as MTP would feed root_B through its modules; Medusa's heads do not read it.)"""
-  del root_B
-  return apply_heads(heads, h_BD[:, None])[:, 0]
+@dataclasses.dataclass(frozen=True)
+class Draft:
+  """What proposes the tree's tokens, as a small state machine carried through the loop.
+
+  start(draft_params, h_BPD, tokens_BP, root_B) -> (logits_BMV, state): after the prompt, from
+    the base model's hidden states at its P positions, the prompt and the first root token.
+  advance(draft_params, state, h_BAD, tokens_BA, next_B, count) -> (logits_BMV, state): after a
+    verification step that kept the first `count` nodes of the chosen path, given the base
+    model's hidden states and tokens at the path's A nodes (entries from `count` on were not
+    kept) and the next root token.
+  logits_BMV: the M >= tree depth draft distributions for the tokens after the root.
+  """
+  start: Callable
+  advance: Callable
+
+
+def last_hidden_draft(heads_logits: Callable) -> Draft:
+  """A stateless draft that reads the last kept hidden state: heads_logits(draft_params, h_BD)
+  -> logits_BMV (Medusa's heads do not read the root token)."""
+  def start(draft_params, h_BPD, tokens_BP, root_B):
+    del tokens_BP, root_B
+    return heads_logits(draft_params, h_BPD[:, -1]), ()
+
+  def advance(draft_params, state, h_BAD, tokens_BA, next_B, count):
+    del tokens_BA, next_B
+    return heads_logits(draft_params, h_BAD[:, count - 1]), state
+
+  return Draft(start=start, advance=advance)
+
+
+MEDUSA_DRAFT = last_hidden_draft(lambda heads, h_BD: apply_heads(heads, h_BD[:, None])[:, 0])
 
 
 def medusa_generate(decoder: Decoder, params, draft_params, prompt_BT: jax.Array, num_new: int,
-                    tree: Tree, rng: jax.Array | None = None, *, draft: Callable = medusa_draft,
+                    tree: Tree, rng: jax.Array | None = None, *, draft: Draft = MEDUSA_DRAFT,
                     acceptance: str = 'greedy', temperature: float = 1.0,
                     epsilon: float = 0.09, delta: float = 0.3):
   """(tokens_B(T+num_new), stats): the prompt and num_new tokens decoded with tree speculation.
 
-  draft(draft_params, h_BD, root_B) -> logits_BMV (M >= tree.depth) proposes the tree's tokens.
+  draft proposes the tree's tokens (`Draft`; Medusa's heads by default, with draft_params the
+  heads).
   acceptance: 'greedy' (the output equals greedy decoding) or 'typical' (needs rng and
   temperature > 0; epsilon and delta default to the authors' 0.09 and 0.3).
   stats: steps (verification forwards), accepted_NB (each row's accepted path length, root
@@ -225,16 +253,15 @@ def medusa_generate(decoder: Decoder, params, draft_params, prompt_BT: jax.Array
   logits_BPV, h_BPD, cache = decoder.extend(params, prompt_BT, prompt_pos_BP, None, cache)
   cache = decoder.compact(cache, prompt_pos_BP, prompt_len)
   root_B = pick(logits_BPV[:, -1], jax.random.fold_in(rng, 0))
+  draft_BMV, draft_state = draft.start(draft_params, h_BPD, prompt_BT, root_B)
+  if draft_BMV.shape[1] < tree.depth:
+    raise ValueError(f'the draft gives {draft_BMV.shape[1]} heads; the tree needs {tree.depth}')
   out_BL = jnp.zeros((B, total + A), jnp.int32).at[:, :prompt_len].set(prompt_BT)
   out_BL = out_BL.at[:, prompt_len].set(root_B)
   mask_BTT = jnp.broadcast_to(jnp.asarray(tree.mask_TT), (B, tree.size, tree.size))
 
   def body(c):
-    logits_BMV = draft(draft_params, c['h_BD'], c['root_B'])
-    if logits_BMV.shape[1] < tree.depth:
-      raise ValueError(f'the draft gives {logits_BMV.shape[1]} heads; the tree needs '
-                       f'{tree.depth}')
-    top_BMJ = jax.lax.top_k(logits_BMV[:, :tree.depth], tree.width)[1]
+    top_BMJ = jax.lax.top_k(c['draft_BMV'][:, :tree.depth], tree.width)[1]
     tokens_BT = tree_attention.tokens(tree, c['root_B'], top_BMJ)
     positions_BT = tree_attention.positions(tree, c['n'], B)
     logits_BTV, h_BTD, cache = decoder.extend(params, tokens_BT, positions_BT, mask_BTT,
@@ -248,17 +275,21 @@ def medusa_generate(decoder: Decoder, params, draft_params, prompt_BT: jax.Array
     next_B = pick(jnp.take_along_axis(logits_BTV, last_B1[..., None], axis=1)[:, 0],
                   jax.random.fold_in(rng, c['step'] + 1))
     kept_BA = jnp.take_along_axis(tokens_BT, path_BA, axis=1)
+    draft_BMV, draft_state = draft.advance(
+        draft_params, c['draft_state'], jnp.take_along_axis(h_BTD, path_BA[..., None], axis=1),
+        kept_BA, next_B, count)
     new_BA1 = jnp.where(jnp.arange(A + 1) == count, next_B[:, None],
                         jnp.pad(kept_BA, ((0, 0), (0, 1))))
-    return {'n': c['n'] + count, 'cache': cache, 'root_B': next_B,
-            'h_BD': jnp.take_along_axis(h_BTD, last_B1[..., None], axis=1)[:, 0],
+    return {'n': c['n'] + count, 'cache': cache, 'root_B': next_B, 'draft_BMV': draft_BMV,
+            'draft_state': draft_state,
             'out_BL': jax.lax.dynamic_update_slice(c['out_BL'], new_BA1, (0, c['n'])),
             'step': c['step'] + 1,
             'accepted_NB': c['accepted_NB'].at[c['step']].set(count_B),
             'advanced_N': c['advanced_N'].at[c['step']].set(count)}
 
   init = {'n': jnp.asarray(prompt_len, jnp.int32), 'cache': cache, 'root_B': root_B,
-          'h_BD': h_BPD[:, -1], 'out_BL': out_BL, 'step': jnp.asarray(0, jnp.int32),
+          'draft_BMV': draft_BMV, 'draft_state': draft_state, 'out_BL': out_BL,
+          'step': jnp.asarray(0, jnp.int32),
           'accepted_NB': jnp.zeros((num_new, B), jnp.int32),
           'advanced_N': jnp.zeros((num_new,), jnp.int32)}
   final = jax.lax.while_loop(lambda c: c['n'] + 1 < total, body, init)

@@ -145,7 +145,7 @@ def _compiled(cfg, tree, draft, acceptance='greedy', temperature=1.0):
                                    temperature=temperature))
 
 
-def _speculate(cfg, params, heads, prompt_BT, tree, draft=medusa.medusa_draft, **kw):
+def _speculate(cfg, params, heads, prompt_BT, tree, draft=medusa.MEDUSA_DRAFT, **kw):
   tokens, stats = _compiled(cfg, tree, draft, **kw)(params, heads, prompt_BT,
                                                     rng=jax.random.key(4))
   steps = int(stats['steps'])
@@ -186,24 +186,27 @@ def _fit_heads(cfg, params, heads, tokens_BT1, steps=300):
   return jax.jit(lambda hd: jax.lax.scan(step, (hd, opt.init(hd)), None, steps)[0][0])(heads)
 
 
-def _second_choice_draft(heads, h_BD, root_B):
+def _second_choice_logits(heads, h_BD):
   """Medusa's heads with each head's first and second choices swapped: the right token then
   sits on rank-1 branches, so accepted paths run through later siblings."""
-  logits_BMV = medusa.medusa_draft(heads, h_BD, root_B)
+  logits_BMV = medusa.apply_heads(heads, h_BD[:, None])[:, 0]
   values, index = jax.lax.top_k(logits_BMV, 2)
   swap = lambda x, i, v: jnp.put_along_axis(x, i[..., None], v[..., None], axis=-1,
                                             inplace=False)
   return swap(swap(logits_BMV, index[..., 0], values[..., 1]), index[..., 1], values[..., 0])
 
 
+SECOND_CHOICE_DRAFT = medusa.last_hidden_draft(_second_choice_logits)
+
+
 def test_greedy_speculation_equals_greedy_decoding_with_accepting_heads():
   cfg, params, prompt_BT, want = _greedy('gpt2')
   heads = _fit_heads(cfg, params, _heads(cfg, params), jnp.asarray(want))
   tree = tree_attention.cartesian((2, 2, 2))
-  for draft in (medusa.medusa_draft, _second_choice_draft):
+  for name, draft in (('medusa', medusa.MEDUSA_DRAFT), ('second choice', SECOND_CHOICE_DRAFT)):
     got, advanced = _speculate(cfg, params, heads, prompt_BT, tree, draft=draft)
-    np.testing.assert_array_equal(got, want, err_msg=draft.__name__)
-    assert advanced.max() == 4 and advanced.mean() > 2.5, (draft.__name__, advanced)
+    np.testing.assert_array_equal(got, want, err_msg=name)
+    assert advanced.max() == 4 and advanced.mean() > 2.5, (name, advanced)
   # The same heads before fitting accept less: the fitted heads are what made steps long.
   got, advanced = _speculate(cfg, params, _heads(cfg, params), prompt_BT, tree)
   np.testing.assert_array_equal(got, want)
