@@ -6,7 +6,6 @@ y[b, x, y, o] = sum_{i, j, c} x_pad[b, s x + i, s y + j, c] w[i, j, c, o] + b[o]
 import math
 
 import jax
-import jax.numpy as jnp
 
 from lab.nn import param_spec as ps
 
@@ -24,11 +23,13 @@ def conv_specs(kernel: int, c_in: int, c_out: int, *, bias: bool = True,
 
 
 def conv2d(p: dict, x_BXYC: jax.Array, *, stride: int = 1, padding: str | int = 'SAME',
-           groups: int = 1) -> jax.Array:
+           groups: int = 1, dilation: int = 1) -> jax.Array:
   """x_BXYC (*) w_XYCO + b_O. padding: 'SAME', 'VALID' or a symmetric int. groups = C gives a
-  depthwise convolution (w then has shape (k, k, 1, C * multiplier))."""
+  depthwise convolution (w then has shape (k, k, 1, C * multiplier)). dilation d spaces the
+  kernel's taps d pixels apart (atrous convolution, Yu & Koltun 2016)."""
   pad = padding if isinstance(padding, str) else [(padding, padding)] * 2
   y_BXYO = jax.lax.conv_general_dilated(
       x_BXYC, p['w'].astype(x_BXYC.dtype), window_strides=(stride, stride), padding=pad,
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
+      rhs_dilation=(dilation, dilation), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=groups)
   return y_BXYO + p['b'].astype(x_BXYC.dtype) if 'b' in p else y_BXYO
