@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lab.config import require
 from lab.kernels import flash_attention
@@ -32,6 +31,7 @@ from lab.nn import attention, mlp, norms
 from lab.nn import param_spec as ps
 from lab.nn import timestep_embedding as temb
 from lab.nn.dropout import dropout
+from lab.nn.patches import patchify, pos_embed, unpatchify
 
 NOISE_FEATURES = 256  # DiT's frequency_embedding_size
 
@@ -77,32 +77,6 @@ def param_specs(cfg) -> dict:
       'final': {'ada_w': _zeros((D, 2 * D), ('embed', None)), 'ada_b': _zeros((2 * D,), (None,)),
                 'w': _zeros((D, C), ('embed', None)), 'b': _zeros((C,), (None,))},
   }
-
-
-def patchify(x_BXYC: jax.Array, p: int) -> jax.Array:
-  """x_BPC: P = (X/p)(Y/p) patches in row-major order, each a vector of C = p * p * channels
-  values in (row in patch, column in patch, channel) order, DiT's layout."""
-  B, X, Y, C = x_BXYC.shape
-  x = x_BXYC.reshape(B, X // p, p, Y // p, p, C).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(B, (X // p) * (Y // p), p * p * C)
-
-
-def unpatchify(x_BPC: jax.Array, p: int, X: int, Y: int) -> jax.Array:
-  """The inverse of patchify: x_BXYC from patches of an X x Y image."""
-  B, _, PC = x_BPC.shape
-  C = PC // (p * p)
-  x = x_BPC.reshape(B, X // p, Y // p, p, p, C).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(B, X, Y, C)
-
-
-def pos_embed(gx: int, gy: int, d: int) -> np.ndarray:
-  """pos_PD for a gx x gy patch grid (MAE / DiT 2-D sin-cos, float32): patch (i, j) gets
-  [sin(j w), cos(j w), sin(i w), cos(i w)], w_k = 10000^(-k / (d/4)), k < d/4 (as in MAE's code,
-  the first half encodes the column)."""
-  w_k = 10_000.0 ** (-np.arange(d // 4) / (d // 4))
-  i_P, j_P = (a.reshape(-1) for a in np.meshgrid(np.arange(gx), np.arange(gy), indexing='ij'))
-  parts = [f(pos_P[:, None] * w_k) for pos_P in (j_P, i_P) for f in (np.sin, np.cos)]
-  return np.concatenate(parts, axis=1).astype(np.float32)
 
 
 def _modulate(x_BTD, shift_BD, scale_BD):
