@@ -1,4 +1,4 @@
-"""Learning-rate schedules and the AdamW optimizer from config.train."""
+"""Learning-rate schedules and the optimizer (AdamW, LARS or SGD) from config.train."""
 from __future__ import annotations
 
 import jax
@@ -7,6 +7,7 @@ import optax
 from lab.config import ConfigError
 
 SCHEDULES = ('cosine', 'wsd', 'constant')
+OPTIMIZERS = ('adamw', 'lars', 'sgd')
 
 
 def schedule(cfg) -> optax.Schedule:
@@ -40,9 +41,25 @@ def _decay_mask(params):
 
 
 def make(cfg) -> optax.GradientTransformation:
-  """Global-norm clipping (if cfg.clip_norm > 0), then AdamW (Loshchilov & Hutter 2019)."""
-  adamw = optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+  """Global-norm clipping (if cfg.clip_norm > 0), then cfg.optimizer (default 'adamw'):
+  adamw  AdamW (Loshchilov & Hutter 2019), betas b1, b2;
+  lars   LARS (You et al. 2017) with momentum b1 and trust coefficient 0.001, biases and norm
+         scales excluded from both the weight decay and the trust-ratio scaling (SimCLR, Chen et
+         al. 2020, appendix B.1);
+  sgd    SGD with momentum b1 and decoupled weight decay on matrices.
+  """
+  name = cfg.get('optimizer', 'adamw')
+  if name == 'adamw':
+    opt = optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                       weight_decay=cfg.weight_decay, mask=_decay_mask)
+  elif name == 'lars':
+    opt = optax.lars(schedule(cfg), weight_decay=cfg.weight_decay, weight_decay_mask=_decay_mask,
+                     trust_ratio_mask=_decay_mask, momentum=cfg.b1)
+  elif name == 'sgd':
+    opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay, _decay_mask),
+                      optax.sgd(schedule(cfg), momentum=cfg.b1))
+  else:
+    raise ConfigError(f'train.optimizer={name!r}; expected one of {OPTIMIZERS}')
   if cfg.clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
-  return adamw
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
+  return opt

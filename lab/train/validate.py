@@ -16,6 +16,8 @@ def validate(cfg) -> None:
           f'train.nonfinite={cfg.nonfinite!r}; expected "stop" or "skip"')
   require(cfg.schedule in optimizers.SCHEDULES,
           f'train.schedule={cfg.schedule!r}; expected one of {optimizers.SCHEDULES}')
+  require(cfg.get('optimizer', 'adamw') in optimizers.OPTIMIZERS,
+          f'train.optimizer={cfg.get("optimizer")!r}; expected one of {optimizers.OPTIMIZERS}')
   precision.compute_dtype(cfg.compute_dtype)
   if cfg.compute_dtype == 'float16':
     require(cfg.loss_scale_init >= 1, f'train.loss_scale_init={cfg.loss_scale_init}; expected >= 1')

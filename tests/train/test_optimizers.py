@@ -48,3 +48,22 @@ def test_weight_decay_skips_vectors():
   updates, _ = opt.update(zeros, opt.init(params), params)
   np.testing.assert_allclose(updates['w'], -0.5 * np.ones((2, 2)))
   np.testing.assert_allclose(updates['b'], np.zeros(2))
+
+
+def test_lars_first_step_is_the_trust_ratio_formula():
+  """LARS (You et al. 2017, eq. 6 with decay): update = -lr eta ||w|| / ||g + wd w|| (g + wd w)
+  for matrices; vectors (biases, norm scales) get neither decay nor trust ratio (SimCLR)."""
+  import jax.numpy as jnp
+  opt = optimizers.make(_cfg(lr=0.5, warmup_steps=0, schedule='constant', weight_decay=0.1,
+                             clip_norm=0.0, optimizer='lars'))
+  rng = np.random.default_rng(0)
+  params = {'w': jnp.asarray(rng.standard_normal((3, 4))), 'b': jnp.asarray(rng.standard_normal(4))}
+  grads = {'w': jnp.asarray(rng.standard_normal((3, 4))), 'b': jnp.asarray(rng.standard_normal(4))}
+  updates, _ = opt.update(grads, opt.init(params), params)
+  w, g = np.asarray(params['w'], np.float64), np.asarray(grads['w'], np.float64)
+  d = g + 0.1 * w
+  np.testing.assert_allclose(updates['w'], -0.5 * 1e-3 * np.linalg.norm(w) / np.linalg.norm(d) * d,
+                             rtol=1e-5)
+  np.testing.assert_allclose(updates['b'], -0.5 * np.asarray(grads['b']), rtol=1e-6)
+  with pytest.raises(ConfigError, match="optimizer='adam'"):
+    optimizers.make(_cfg(optimizer='adam'))
