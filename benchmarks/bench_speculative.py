@@ -104,8 +104,10 @@ def methods(cfg, num_new: int, temperature: float) -> dict:
   return out
 
 
-def bench(cfg, backbone, heads, prompts_PT, num_new, repeats, temperature) -> list[dict]:
-  fns = methods(cfg, num_new, temperature)
+def bench(fns: dict, backbone, heads, prompts_PT, num_new, repeats) -> list[dict]:
+  """Times every method of `fns` (name -> (fn, tree, acceptance) as `methods` gives them, the
+  first one the plain baseline) on each prompt at batch 1, compiled first, repeats alternating
+  between methods."""
   rng = jax.random.key(0)
   run_all = lambda fn: [jax.block_until_ready(fn(backbone, heads, p[None],
                                                  jax.random.fold_in(rng, i)))
@@ -122,7 +124,8 @@ def bench(cfg, backbone, heads, prompts_PT, num_new, repeats, temperature) -> li
       start = time.perf_counter()
       run_all(fn)
       seconds[name].append((time.perf_counter() - start) / len(prompts_PT))
-  plain_s = statistics.median(seconds['plain greedy'])
+  plain = next(iter(fns))
+  plain_s = statistics.median(seconds[plain])
   rows = []
   for name, (_, tree, acceptance) in fns.items():
     median_s = statistics.median(seconds[name])
@@ -132,8 +135,7 @@ def bench(cfg, backbone, heads, prompts_PT, num_new, repeats, temperature) -> li
         'base_forwards_per_prompt': 1 + float(steps[name].mean()),
         'median_s_per_prompt': median_s, 'tokens_per_s': num_new / median_s,
         'speedup_vs_plain': plain_s / median_s,
-        'identical_to_plain_greedy': (bool(np.array_equal(outputs[name],
-                                                          outputs['plain greedy']))
+        'identical_to_plain_greedy': (bool(np.array_equal(outputs[name], outputs[plain]))
                                       if acceptance == 'greedy' else None),
         'seconds_each_repeat': seconds[name]})
   return rows
@@ -169,8 +171,8 @@ def main():
     train_models(workdir, args.backbone_steps, args.heads_steps)
     train_wall = time.perf_counter() - start_wall
     cfg, backbone, heads, data = load_models(workdir)
-    rows = bench(cfg, backbone, heads, prompts(data, args.prompts), args.new, args.repeats,
-                 args.temperature)
+    rows = bench(methods(cfg, args.new, args.temperature), backbone, heads,
+                 prompts(data, args.prompts), args.new, args.repeats)
   result = {
       'benchmark': 'bench_speculative', 'quick': args.quick,
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),

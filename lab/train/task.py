@@ -16,9 +16,12 @@ class Task:
   targets (BYOL, MoCo, DINO), DeepSeek's routing-bias update from the step's summed loads.
   sample(params, state, rng) -> {name: text or array}: an optional hook the loop calls to show
   progress; text goes to samples.txt, arrays ([B, X, Y, C] images or [N, 2] points) to PNGs.
+  features(params, state, images_BXYC) -> z_BD: optional, the learned encoder in eval mode, for
+  frozen-feature evaluation (k-NN, linear probes: lab.eval.ssl_table).
   """
   param_specs: Any
   init_state: Callable[[Any], Any]
   loss_fn: Callable[..., Any]
   sample: Callable[[Any, Any, Any], dict[str, Any]] | None = None
   after_step: Callable[[Any, Any, Any], Any] | None = None
+  features: Callable[[Any, Any, Any], Any] | None = None

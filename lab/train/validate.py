@@ -11,6 +11,9 @@ def validate(cfg) -> None:
           f'train.batch_size={cfg.batch_size} is not divisible by train.grad_accum={cfg.grad_accum}')
   require(cfg.warmup_steps >= 0, f'train.warmup_steps={cfg.warmup_steps}; expected >= 0')
   require(cfg.lr > 0, f'train.lr={cfg.lr}; expected > 0')
+  require(cfg.schedule != 'cosine' or cfg.warmup_steps < (cfg.decay_steps or cfg.steps),
+          f'train.warmup_steps={cfg.warmup_steps}; the cosine schedule expects fewer than '
+          f'train.decay_steps or train.steps={cfg.decay_steps or cfg.steps}')
   require(0.0 <= cfg.ema_decay < 1.0, f'train.ema_decay={cfg.ema_decay}; expected 0 <= decay < 1')
   require(cfg.nonfinite in ('stop', 'skip'),
           f'train.nonfinite={cfg.nonfinite!r}; expected "stop" or "skip"')

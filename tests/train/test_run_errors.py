@@ -41,6 +41,7 @@ def test_override_errors(override, words):
     (['data.block_size=128'], ['data.block_size=128', 'model.max_len=64']),
     (['data.source=tfds', 'data.tfds_name=no_such_set'], ["'no_such_set'", 'data dir']),
     (['model.vocab_size=7'], ['model.vocab_size=7', 'the data gives']),
+    (['train.warmup_steps=20'], ['train.warmup_steps=20', 'train.steps=20']),
 ])
 def test_inconsistent_values(overrides, words):
   with pytest.raises(ConfigError) as e:
