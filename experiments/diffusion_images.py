@@ -11,7 +11,8 @@ Variants (after ':', comma-separated):
   cond       class-conditional with 10% label dropout, for classifier-free guidance.
   reflow     with method=flow: train on (sample, noise) pairs of a trained flow (rectified flow's
              reflow); write them with `python -m lab.sampling.reflow` and pass
-             --config.data.pairs_path=PATH.
+             --config.data.pairs_path=PATH, and --config.objective_args.init_workdir=FLOW_RUN to
+             fine-tune the 1-rectified flow as Liu et al. do rather than start from scratch.
   tiny       a few-second run for tests.
 """
 import ml_collections

@@ -13,6 +13,8 @@ x_0 (rectified flow's reflow, Liu et al. 2023 §2.2), otherwise eps is drawn fre
 Classifier-free guidance (Ho & Salimans 2022): with model.num_classes > 0, each label is replaced
 by the null label `num_classes` with probability objective_args.label_dropout.
 The sample hook draws config.sample.num samples with config.sample.sampler.
+objective_args.init_workdir (optional, '' for none) starts the parameters from a finished run of
+the same network, e.g. reflow fine-tuning the 1-rectified flow as Liu et al. do (Algorithm 1).
 """
 from __future__ import annotations
 
@@ -25,7 +27,10 @@ from lab.config import require
 from lab.eval import distances
 from lab.objectives import diffusion_method
 from lab.sampling import diffusion_samplers
+from lab.train import init_from
 from lab.train.task import Task
+
+_FREE_MODEL_FIELDS = ('dropout', 'attention_backend')
 
 
 # The sampler (and its step count) each method's experiments use unless told otherwise.
@@ -43,7 +48,7 @@ def default_args(kind: str, prediction: str, *, ve_sigma_max: float, sigma_data:
               beta_min=0.1, beta_max=20.0, t_eps=1e-3,
               sigma_min=0.002 if kind == 'edm' else 0.01,
               sigma_max=80.0 if kind == 'edm' else ve_sigma_max, sigma_data=sigma_data,
-              p_mean=-1.2, p_std=1.2, label_dropout=label_dropout)
+              p_mean=-1.2, p_std=1.2, label_dropout=label_dropout, init_workdir='')
 
 
 def data_key(batch: dict) -> str:
@@ -125,8 +130,11 @@ def make_task(config, data) -> Task:
       out['sliced_wasserstein'] = f'{float(swd):.4f}'
     return out
 
-  return Task(param_specs=model.param_specs(cfg), init_state=lambda key: {}, loss_fn=loss_fn,
-              sample=sample)
+  specs = model.param_specs(cfg)
+  if args.get('init_workdir'):
+    specs = init_from.constant_specs(
+        specs, init_from.restored_params(args.init_workdir, cfg, _FREE_MODEL_FIELDS))
+  return Task(param_specs=specs, init_state=lambda key: {}, loss_fn=loss_fn, sample=sample)
 
 
 def _sample_shape(cfg) -> tuple[int, ...]:

@@ -16,18 +16,17 @@ Batches are {'tokens': int32[B, T + 1]}, as for lm. The model must be lab.models
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from lab.config import ConfigError, require
+from lab.config import require
 from lab.models import transformer
 from lab.nn import param_spec as ps
 from lab.objectives.lm import cross_entropy
 from lab.sampling import medusa, tree_attention
-from lab.train import precision
+from lab.train import init_from, precision
 from lab.train.task import Task
 
 MODES = ('medusa1', 'medusa2')
@@ -64,19 +63,7 @@ def load_backbone(config):
   if not workdir:
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _BACKBONE_KEY)
     return jax.device_get(ps.init(transformer.param_specs(cfg), key))
-  from lab.train import restore
-  run = restore.load(workdir)
-  diff = sorted(k for k in set(run.config.model) | set(cfg)
-                if k not in _FREE_MODEL_FIELDS and run.config.model.get(k) != cfg.get(k))
-  if diff:
-    raise ConfigError(f'objective_args.backbone_workdir={workdir!r} holds a different model ('
-                      + ', '.join(f'model.{k}: saved {run.config.model.get(k)!r} vs '
-                                  f'{cfg.get(k)!r}' for k in diff) + ')')
-  return jax.device_get(run.params)
-
-
-def _constant(value) -> ps.Initializer:
-  return lambda key, shape, dtype: jnp.asarray(value, dtype)
+  return init_from.restored_params(workdir, cfg, _FREE_MODEL_FIELDS)
 
 
 def make_task(config, data) -> Task:
@@ -87,8 +74,7 @@ def make_task(config, data) -> Task:
   if frozen:
     specs = {'heads': head_specs}
   else:
-    backbone_specs = jax.tree.map(lambda spec, value: dataclasses.replace(
-        spec, init=_constant(value)), transformer.param_specs(cfg), backbone, is_leaf=ps.is_spec)
+    backbone_specs = init_from.constant_specs(transformer.param_specs(cfg), backbone)
     specs = {'backbone': backbone_specs, 'heads': head_specs}
 
   def loss_fn(params, state, batch, rng, train):
