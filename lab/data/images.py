@@ -7,6 +7,8 @@
 config.data: source, data_dir, image_size (0 = native; larger pads with the background value -1,
 smaller resizes with an antialiased linear filter), eval_batches. Training examples are shuffled
 by grain with the run's seed and reshuffled every epoch; each process reads its own slice.
+Training batches are {'image', 'label', 'index'}: index is the example's row in the train split
+(0 .. train_size - 1), which memory-bank methods (InstDisc) need; eval batches have no index.
 """
 from __future__ import annotations
 
@@ -32,12 +34,16 @@ def _digits(split: str):
   return digits.images[idx, :, :, None] / 8.0 - 1.0, digits.target[idx]
 
 
-def _mnist(split: str, data_dir: str):
+def _mnist_source(split: str, data_dir: str):
   root = corpora.tfds_data_dir(data_dir)
   if not os.path.isdir(os.path.join(root, 'mnist')):
     raise ConfigError(f'data.source="mnist": no mnist dataset in data dir {root!r}')
   import tensorflow_datasets as tfds
-  source = tfds.data_source('mnist', split=split, data_dir=root)
+  return tfds.data_source('mnist', split=split, data_dir=root)
+
+
+def _mnist(split: str, data_dir: str):
+  source = _mnist_source(split, data_dir)
   records = source.__getitems__(range(len(source)))
   images = np.stack([r['image'] for r in records])
   return images / 127.5 - 1.0, np.array([r['label'] for r in records])
@@ -68,6 +74,15 @@ def load_arrays(source: str, split: str, data_dir: str = '', image_size: int = 0
   else:
     raise ConfigError(f'data.source={source!r}; expected one of {SOURCES}')
   return _to_size(images.astype(np.float32), image_size), labels.astype(np.int32)
+
+
+def train_size(source: str, data_dir: str = '') -> int:
+  """The number of training examples of `source`, without reading them."""
+  if source == 'digits':
+    return _DIGITS_TRAIN
+  if source == 'mnist':
+    return len(_mnist_source('train', data_dir))
+  raise ConfigError(f'data.source={source!r}; expected one of {SOURCES}')
 
 
 def train_examples(arrays: dict, batch_size: int, seed: int):
@@ -102,8 +117,8 @@ def build(config) -> Dataset:
   test_x, test_y = load_arrays(cfg.source, 'test', cfg.data_dir, cfg.image_size)
   batch = config.train.batch_size
   shape = {'image_size': train_x.shape[1], 'channels': train_x.shape[-1]}
+  arrays = {'image': train_x, 'label': train_y, 'index': np.arange(len(train_y), dtype=np.int32)}
   return Dataset(
-      make_train_iter=lambda: train_examples({'image': train_x, 'label': train_y}, batch,
-                                             config.seed),
+      make_train_iter=lambda: train_examples(arrays, batch, config.seed),
       eval_batches=eval_examples(test_x, test_y, batch, cfg.eval_batches),
       config_updates={f'model.{k}': v for k, v in shape.items() if k in config.model})

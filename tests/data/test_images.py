@@ -124,3 +124,17 @@ def test_processes_read_disjoint_slices(monkeypatch):
     np.testing.assert_array_equal(flat[seen[-1]], np.concatenate([b['image'] for b in batches])
                                   .reshape(-1, 64))
   assert not set(seen[0]) & set(seen[1])
+
+
+def test_train_batches_carry_their_row_index(tfds_dir):
+  data = images.build(_config())
+  train_x, train_y = images.load_arrays('digits', 'train')
+  assert images.train_size('digits') == len(train_y) == 1500
+  assert images.train_size('mnist', tfds_dir) == 60000
+  it = data.make_train_iter()
+  epoch = [next(it) for _ in range(1500 // 32)]
+  index = np.concatenate([b['index'] for b in epoch])
+  assert index.dtype == np.int32 and len(set(index)) == len(index)  # no repeat in an epoch
+  np.testing.assert_array_equal(np.concatenate([b['image'] for b in epoch]), train_x[index])
+  np.testing.assert_array_equal(np.concatenate([b['label'] for b in epoch]), train_y[index])
+  assert 'index' not in data.eval_batches[0]  # test images have no row in the training bank
