@@ -5,7 +5,9 @@
 
 Variants (after ':', comma-separated):
   method=M    instdisc | cpc | cmc | moco_v1 | moco_v2 | moco_v3 | simclr | swav | byol |
-              simsiam | dino | mae (lab/objectives/<module>.py, METHODS below).
+              simsiam | dino | mae (lab/objectives/<module>.py, METHODS below), or supervised
+              (the same encoder with a linear classifier on the labels: the table's upper
+              reference).
   encoder=E   resnet (default: a ResNet with one basic block per stage, width 16, CIFAR stem) |
               vit (patch 4 on MNIST's 28 x 28, width 64, 4 layers; MAE and MoCo v3 default to it).
   source=S    mnist (default, from the TFDS data dir) | digits (scikit-learn, no download).
@@ -23,7 +25,8 @@ from lab.config import parse_variant
 
 METHODS = {'instdisc': 'instdisc', 'cpc': 'cpc', 'cmc': 'cmc', 'moco_v1': 'moco',
            'moco_v2': 'moco', 'moco_v3': 'moco_v3', 'simclr': 'simclr', 'swav': 'swav',
-           'byol': 'byol', 'simsiam': 'simsiam', 'dino': 'dino', 'mae': 'mae'}
+           'byol': 'byol', 'simsiam': 'simsiam', 'dino': 'dino', 'mae': 'mae',
+           'supervised': 'classify'}
 VIT_FIRST = ('moco_v3', 'mae')
 
 
