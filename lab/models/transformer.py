@@ -17,6 +17,8 @@ becomes a top-k MoE of `mlp`-type experts (lab.nn.moe), run expert-parallel over
 Decoding: prefill fills an empty KV cache with the prompt and decode_step appends one token;
 extend runs T tokens against a filled cache under any mask among them (a causal chain, or the
 ancestor mask of a tree of speculative candidates) and compact_cache keeps the accepted ones.
+forward_hidden and prefill also take input embeddings embeds_BTD in place of token ids (a
+vision-language model's text rows of embed_tokens with image embeddings merged in).
 """
 from __future__ import annotations
 
@@ -142,11 +144,27 @@ def _mlp(cfg, p: dict, x_BTD, exact_moe: bool):
   return mlp.gelu_mlp(x_BTD, p['w_in'], p.get('b_in'), p['w_out'], p.get('b_out')), {}
 
 
-def _embed(cfg, params, tokens_BT, positions_BT):
+def embed_tokens(params, tokens_BT) -> jax.Array:
+  """x_BTD = E[tokens_BT], the token-embedding rows without positions: the text part of the
+  embeds_BTD that forward_hidden and prefill accept instead of token ids (a VLM merges image
+  embeddings into it)."""
   # Gather rows from a table whose vocab dim is whole: XLA's partitioner cannot gather from a
   # vocab-parallel table efficiently (it replicates the whole table and warns).
   table_VD = constrain(params['embed']['tokens'], (None, 'act_embed'))
-  x_BTD = table_VD[tokens_BT]
+  return table_VD[tokens_BT]
+
+
+def _input_shape(tokens_BT, embeds_BTD) -> tuple[int, int]:
+  """(B, T) of the one input given: token ids or input embeddings."""
+  if (tokens_BT is None) == (embeds_BTD is None):
+    raise ValueError('expected exactly one of tokens_BT and embeds_BTD, got '
+                     f'{"both" if tokens_BT is not None else "neither"}')
+  return (tokens_BT if embeds_BTD is None else embeds_BTD).shape[:2]
+
+
+def _embed(cfg, params, tokens_BT, positions_BT, embeds_BTD=None):
+  """E[tokens_BT] (or the given embeds_BTD) plus learned positions when the model has them."""
+  x_BTD = embed_tokens(params, tokens_BT) if embeds_BTD is None else embeds_BTD
   if cfg.positions == 'learned':
     x_BTD = x_BTD + constrain(params['embed']['positions'], (None, 'act_embed'))[positions_BT]
   return x_BTD
@@ -216,18 +234,21 @@ def forward_with_aux(cfg, params, tokens_BT: jax.Array, *, segment_ids_BT=None,
   return unembed(cfg, params, h_BTD), aux
 
 
-def forward_hidden(cfg, params, tokens_BT: jax.Array, *, segment_ids_BT=None,
-                   positions_BT=None, rng=None, train: bool = False):
+def forward_hidden(cfg, params, tokens_BT: jax.Array | None, *, embeds_BTD=None,
+                   segment_ids_BT=None, positions_BT=None, rng=None, train: bool = False):
   """(h_BTD, aux): the final-normed hidden states, the LM head's input (Medusa's heads read
-  them too); arguments and aux as in forward_with_aux."""
-  B, T = tokens_BT.shape
+  them too); arguments and aux as in forward_with_aux. With tokens_BT=None, embeds_BTD (e.g.
+  embed_tokens' rows with image embeddings merged in) replaces the token-embedding lookup;
+  learned positions are still added, as HF's inputs_embeds."""
+  B, T = _input_shape(tokens_BT, embeds_BTD)
   if T > cfg.max_len:
     raise ValueError(f'sequence length {T} exceeds model.max_len={cfg.max_len}')
   if positions_BT is None:
     positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
   rng = rng if train else None
   embed_rng, block_rng = (None, None) if rng is None else jax.random.split(rng)
-  x_BTD = dropout(_embed(cfg, params, tokens_BT, positions_BT), cfg.dropout, embed_rng)
+  x_BTD = dropout(_embed(cfg, params, tokens_BT, positions_BT, embeds_BTD), cfg.dropout,
+                  embed_rng)
 
   def attend(q, k, v, _):
     o = flash_attention(q, k, v, causal=True, segment_ids=segment_ids_BT,
@@ -239,12 +260,13 @@ def forward_hidden(cfg, params, tokens_BT: jax.Array, *, segment_ids_BT=None,
   return _norm(cfg, params['final_norm'], x_BTD), aux
 
 
-def prefill(cfg, params, tokens_BT: jax.Array, max_len: int):
+def prefill(cfg, params, tokens_BT: jax.Array | None, max_len: int, *, embeds_BTD=None):
   """Runs the prompt and returns (logits_BTV, cache) with room for max_len tokens in total.
+  With tokens_BT=None the prompt is given as input embeddings embeds_BTD (as forward_hidden).
 
   cache = {'k': [L, B, max_len, K, H], 'v': [L, B, max_len, K, H], 'length': int32 scalar}.
   """
-  B, T = tokens_BT.shape
+  B, T = _input_shape(tokens_BT, embeds_BTD)
   if not T <= max_len <= cfg.max_len:
     raise ValueError(f'prefill max_len={max_len}; expected prompt length {T} <= max_len <= '
                      f'model.max_len={cfg.max_len}')
@@ -255,9 +277,8 @@ def prefill(cfg, params, tokens_BT: jax.Array, max_len: int):
     return flash_attention(q, k, v, causal=True, backend=cfg.attention_backend), (
         jnp.pad(k, pad), jnp.pad(v, pad))
 
-  x_BTD, ((k_LBSKH, v_LBSKH), _) = _run_blocks(cfg, params, _embed(cfg, params, tokens_BT,
-                                                                positions_BT),
-                                          positions_BT, None, attend)
+  x_BTD = _embed(cfg, params, tokens_BT, positions_BT, embeds_BTD)
+  x_BTD, ((k_LBSKH, v_LBSKH), _) = _run_blocks(cfg, params, x_BTD, positions_BT, None, attend)
   cache = {'k': k_LBSKH, 'v': v_LBSKH, 'length': jnp.asarray(T, jnp.int32)}
   return _logits(cfg, params, x_BTD), cache
 
