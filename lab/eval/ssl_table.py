@@ -21,23 +21,12 @@ import json
 import os
 import time
 
-import jax
 import numpy as np
+import optax
 
 from lab.data import images
-from lab.eval import collapse, knn, linear_probe
+from lab.eval import collapse, features, knn, linear_probe
 from lab.train import loop, restore
-
-
-def _embed(features, params, state, x_BXYC, batch: int) -> np.ndarray:
-  fn = jax.jit(features)
-  out = []
-  for start in range(0, len(x_BXYC), batch):
-    chunk = x_BXYC[start:start + batch]
-    pad = batch - len(chunk)
-    z = fn(params, state, np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]))
-    out.append(z[:batch - pad])
-  return np.concatenate(jax.device_get(out)).astype(np.float32)
 
 
 def _wall_seconds(workdir: str) -> float | None:
@@ -47,28 +36,36 @@ def _wall_seconds(workdir: str) -> float | None:
   return os.path.getmtime(end) - os.path.getmtime(start)
 
 
-def evaluate(label: str, workdir: str, *, untrained: bool, n_train: int, batch: int = 500,
-             seed: int = 0) -> dict:
-  """One row of the table for the run in workdir (its untrained twin if `untrained`)."""
+def frozen_encoder(workdir: str, *, untrained: bool):
+  """(encode, run): encode(images_BXYC) -> features_BD of the finished run in workdir (its
+  Task.features with the trained params and state, or freshly initialised ones if `untrained`)
+  and the restored lab.train.restore.Run."""
   trained = restore.load(workdir)
   task, config = trained.task, trained.config
   if task.features is None:
     raise ValueError(f'run {workdir!r} (objective {config.objective!r}) has no Task.features '
                      'encoder to evaluate')
   if untrained:
-    import optax
     state = loop.init_state(config, task, optax.identity())
     params, model_state = state.params, state.model_state
   else:
     params, model_state = trained.params, trained.state.model_state
+  return (lambda x_BXYC: task.features(params, model_state, x_BXYC)), trained
+
+
+def evaluate(label: str, workdir: str, *, untrained: bool, n_train: int, batch: int = 500,
+             seed: int = 0) -> dict:
+  """One row of the table for the run in workdir (its untrained twin if `untrained`)."""
+  encode, trained = frozen_encoder(workdir, untrained=untrained)
+  config = trained.config
   cfg = config.data
   train_x, train_y = images.load_arrays(cfg.source, 'train', cfg.data_dir, cfg.image_size)
   test_x, test_y = images.load_arrays(cfg.source, 'test', cfg.data_dir, cfg.image_size)
   order = np.random.default_rng(seed).permutation(len(train_y))[:n_train]
   train_x, train_y = train_x[order], train_y[order]
   start = time.time()
-  train_z = _embed(task.features, params, model_state, train_x, batch)
-  test_z = _embed(task.features, params, model_state, test_x, batch)
+  train_z = features.extract(encode, train_x, batch).astype(np.float32)
+  test_z = features.extract(encode, test_x, batch).astype(np.float32)
   knn_accuracy, _ = knn.knn_classify(train_z, train_y, test_z, test_y, num_classes=10)
   probe = linear_probe.linear_probe(train_z, train_y, test_z, test_y, num_classes=10, seed=seed)
   return {'label': label, 'workdir': workdir, 'objective': config.objective,
