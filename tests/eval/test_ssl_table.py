@@ -13,15 +13,6 @@ from lab.eval import knn, ssl_table
 from lab.train import loop, restore
 
 
-def test_embed_matches_one_call_when_the_last_chunk_is_padded():
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(23, 4, 4, 1)).astype(np.float32)
-  w = rng.normal(size=(16, 3)).astype(np.float32)
-  features = lambda params, state, x_BXYC: x_BXYC.reshape(len(x_BXYC), -1) @ params + state
-  got = ssl_table._embed(features, w, 1.0, x, batch=10)
-  np.testing.assert_allclose(got, x.reshape(23, -1) @ w + 1.0, rtol=1e-5, atol=1e-5)
-
-
 def test_markdown_formats_percentages_and_missing_wall_time():
   row = dict(label='simclr', encoder='resnet', train_steps=600, knn_accuracy=0.9312,
              linear_probe_accuracy=0.95, collapse_std=0.0412, train_wall_seconds=None)

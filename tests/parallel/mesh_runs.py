@@ -6,7 +6,8 @@ Run as a script (it sets XLA_FLAGS before importing jax): python mesh_runs.py 'd
 import os
 import sys
 
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
 
 import json  # noqa: E402
 import pathlib  # noqa: E402

@@ -17,7 +17,8 @@ COMMON = ['--config.train.log_every=1', '--config.train.eval_every=0',
 
 
 def _lab_run(workdir, devices: int, *args):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') +
+                                    f' --xla_force_host_platform_device_count={devices}').strip())
   return subprocess.Popen([sys.executable, '-m', 'lab.run', '--config', TINY, '--workdir',
                            str(workdir), *COMMON, *args], cwd=REPO_ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
