@@ -3,12 +3,12 @@
   .venv/bin/python benchmarks/bench_mla_cache.py
 
 MLA caches one latent c^KV_t (d_c numbers) and one shared RoPE key k^R_t (d_h^R) per token and
-layer; MHA caches a key and a value per head, 2 n_h d_h, and GQA / MQA the same for n_g groups,
-2 n_g d_h (GQA here: 8 groups, or n_h / 2 where n_h <= 8). Every number here is measured, not computed: the cache lab builds for a prompt
-(jax.eval_shape of lab.models.deepseek.prefill for MLA, of lab.models.transformer.init_cache for
-MHA / GQA / MQA with n_h heads of d_h = qk_nope_dim and the same n_layers), so no memory is
-allocated even for V3's 61 layers; the script asserts that each matches its formula
-(lab.nn.mla.cache_elements_per_token, mha_cache_elements_per_token).
+layer; MHA caches a key and a value per head, 2 n_h d_h, and GQA / MQA the same for n_g groups, 2
+n_g d_h (GQA here: 8 groups, or n_h / 2 where n_h <= 8). Every number here is measured, not
+computed: the cache lab builds for a prompt (jax.eval_shape of lab.models.deepseek.prefill for MLA,
+of lab.models.transformer.init_cache for MHA / GQA / MQA with n_h heads of d_h = qk_nope_dim and
+the same n_layers), so no memory is allocated even for V3's 61 layers; the script asserts that each
+matches its formula (lab.nn.mla.cache_elements_per_token, mha_cache_elements_per_token).
 
 Configs: experiments/deepseek_tiny.py (trained in docs/results.md) and experiments/deepseek_v3.py
 (V3's shapes: d_c = 512, d_h^R = 64, 128 heads of 128). Bytes assume bfloat16 (2 per number);
