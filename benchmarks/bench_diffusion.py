@@ -52,7 +52,8 @@ import jaxlib
 import numpy as np
 import torch
 
-from bench_gpt_cpu import cpu_model_name, git_state, matmul_peaks, time_interleaved
+from bench_gpt_cpu import (cpu_model_name, git_state, matmul_peaks, peak_sentence,
+                           time_interleaved)
 from lab import config as config_lib
 from lab import run
 from lab.models import dit
@@ -338,10 +339,7 @@ def markdown(rows: list, cases: dict, peaks: dict) -> str:
                  f"{row['train_step_ms']:.0f} | {row['train_images_per_s']:,.0f} | "
                  f"{100 * row['train_mfu']:.1f}% | {row[per_s]:,.1f} | "
                  f"{100 * row['sample_mfu']:.1f}% | {ratio_text} |")
-  per_size = lambda lib: ', '.join(f'{n}: {g:.0f}' for n, g in peaks[f'{lib}_gflops'].items())
-  lines.append(f"\nMatmul peak, float32 n x n, best of reps, GFLOP/s: jnp ({per_size('jnp')}), "
-               f"torch ({per_size('torch')}); MFU is against {peaks['mfu_against']}'s "
-               f"{peaks['peak_gflops']:.0f} GFLOP/s.")
+  lines.append(f'\n{peak_sentence(peaks)}.')
   return '\n'.join(lines)
 
 

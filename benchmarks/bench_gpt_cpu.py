@@ -228,6 +228,15 @@ def git_state() -> dict:
   return {'commit': git('rev-parse', 'HEAD').strip(), 'dirty': bool(git('status', '--porcelain'))}
 
 
+def peak_sentence(peaks: dict) -> str:
+  """'Matmul peak, ...: jnp (...), torch (...); MFU is against X's P GFLOP/s' (no full stop)
+  from matmul_peaks' result, for the tables under each benchmark."""
+  per_size = lambda lib: ', '.join(f'{n}: {g:.0f}' for n, g in peaks[f'{lib}_gflops'].items())
+  return (f"Matmul peak, float32 n x n, best of reps, GFLOP/s: jnp ({per_size('jnp')}), "
+          f"torch ({per_size('torch')}); MFU is against {peaks['mfu_against']}'s "
+          f"{peaks['peak_gflops']:.0f} GFLOP/s")
+
+
 def markdown(rows: list, peaks: dict) -> str:
   lines = ['| config, implementation | params | tokens/step | model FLOPs/token | step ms '
            '(median) | tokens/s | GFLOP/s | MFU |', '|---|---:|---:|---:|---:|---:|---:|---:|']
@@ -235,10 +244,7 @@ def markdown(rows: list, peaks: dict) -> str:
     lines.append(f"| {r['name']} | {r['params']:,} | {r['tokens_per_step']} | "
                  f"{r['model_flops_per_token'] / 1e6:.2f} M | {r['median_step_ms']:.1f} | "
                  f"{r['tokens_per_s']:,.0f} | {r['achieved_gflops']:.1f} | {100 * r['mfu']:.1f}% |")
-  per_size = lambda lib: ', '.join(f'{n}: {g:.0f}' for n, g in peaks[f'{lib}_gflops'].items())
-  lines.append(f"\nMatmul peak, float32 n x n, best of reps, GFLOP/s: jnp ({per_size('jnp')}), "
-               f"torch ({per_size('torch')}); MFU is against {peaks['mfu_against']}'s "
-               f"{peaks['peak_gflops']:.0f} GFLOP/s.")
+  lines.append(f'\n{peak_sentence(peaks)}.')
   return '\n'.join(lines)
 
 

@@ -304,10 +304,7 @@ def markdown(rows: list, peaks: dict) -> str:
                  f"{r['ratio_lab_over_torch']:.2f} | {r['forward_gflops_per_image_xla']:.2f} "
                  f"({2 * r['known_gmacs_per_image_224']:.2f} at 224px) | "
                  f"{100 * r['lab']['mfu']:.1f}% | {100 * r['torch']['mfu']:.1f}% |")
-  per_size = lambda lib: ', '.join(f'{n}: {g:.0f}' for n, g in peaks[f'{lib}_gflops'].items())
-  lines.append(f"\nMatmul peak, float32 n x n, best of reps, GFLOP/s: jnp ({per_size('jnp')}), "
-               f"torch ({per_size('torch')}); MFU is against {peaks['mfu_against']}'s "
-               f"{peaks['peak_gflops']:.0f} GFLOP/s, with 3x the forward FLOPs a step.")
+  lines.append(f'\n{bench_gpt_cpu.peak_sentence(peaks)}, with 3x the forward FLOPs a step.')
   return '\n'.join(lines)
 
 
