@@ -55,8 +55,7 @@ def mla_per_token_layer(cfg, max_len: int) -> int:
 def grouped_per_token_layer(cfg, n_kv_heads: int, max_len: int) -> int:
   """Numbers in transformer.init_cache per token and layer for n_kv_heads heads of d_h."""
   tcfg = ml_collections.ConfigDict(dict(n_layers=cfg.n_layers, n_kv_heads=n_kv_heads,
-                                        head_dim=cfg.qk_nope_dim, d_model=cfg.d_model,
-                                        n_heads=cfg.n_heads))
+                                        head_dim=cfg.qk_nope_dim))
   cache = jax.eval_shape(lambda: transformer.init_cache(tcfg, 1, max_len))
   return _numbers(cache) // (cfg.n_layers * max_len)
 

@@ -24,8 +24,15 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(REPO_ROOT / '.cache' / 'j
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.1')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 FAST_COMPILE_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+
+
+def xla_flags_plus(flags: str) -> str:
+  """This process's XLA_FLAGS with `flags` appended (for a subprocess's environment)."""
+  return f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+
+
 if FAST_COMPILE_FLAGS not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
+  os.environ['XLA_FLAGS'] = xla_flags_plus(FAST_COMPILE_FLAGS)
 
 
 @pytest.fixture

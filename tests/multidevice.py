@@ -15,6 +15,8 @@ import sys
 import jax
 import pytest
 
+from conftest import xla_flags_plus
+
 N_DEVICES = 8
 _CHILD = 'LAB_MULTIDEVICE_CHILD'
 _CHILD_CODE = '''
@@ -34,9 +36,8 @@ def on_8_devices(test):
       raise RuntimeError(f'XLA_FLAGS={os.environ.get("XLA_FLAGS")!r} gave {jax.device_count()} '
                          f'devices; expected {N_DEVICES}')
     test_file = inspect.getsourcefile(test)
-    env = dict(os.environ, JAX_PLATFORMS='cpu', **{_CHILD: '1'})
-    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                        f' --xla_force_host_platform_device_count={N_DEVICES}').strip()
+    env = dict(os.environ, JAX_PLATFORMS='cpu', **{_CHILD: '1'},
+               XLA_FLAGS=xla_flags_plus(f'--xla_force_host_platform_device_count={N_DEVICES}'))
     code = _CHILD_CODE.format(test_dir=os.path.dirname(test_file), test_file=test_file,
                               tests_root=os.path.dirname(os.path.abspath(__file__)),
                               name=test.__name__)

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, xla_flags_plus
 from lab.train import metrics_log
 
 TINY = 'experiments/gpt_chars.py:tiny'
@@ -17,8 +17,8 @@ COMMON = ['--config.train.log_every=1', '--config.train.eval_every=0',
 
 
 def _lab_run(workdir, devices: int, *args):
-  env = dict(os.environ, XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') +
-                                    f' --xla_force_host_platform_device_count={devices}').strip())
+  env = dict(os.environ,
+             XLA_FLAGS=xla_flags_plus(f'--xla_force_host_platform_device_count={devices}'))
   return subprocess.Popen([sys.executable, '-m', 'lab.run', '--config', TINY, '--workdir',
                            str(workdir), *COMMON, *args], cwd=REPO_ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
